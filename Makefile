@@ -1,0 +1,22 @@
+# Two commands do all the set-up: `make demo` runs the main job, `make test` the tests.
+# Each creates the virtual environment it needs in .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade pip
+	$(VENV)/bin/pip install -e '.[dev,parallel,slurm]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m ablate.demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+clean-venv:
+	rm -rf $(VENV)

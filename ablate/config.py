@@ -1,0 +1,271 @@
+"""Typed configuration schema and the checks that run before any training.
+
+Every config group of ``conf/`` fills one of the dataclasses below. Hydra merges the YAML options into
+these typed nodes, so an unknown key or a value of the wrong type fails at composition; ``validate``
+then rejects values that are well-typed but impossible (batch size 0, ghost-BN splits that do not
+divide the batch, ...). This module imports neither torch nor the data, so it is cheap to load.
+
+Units (journey-facts 0.1): learning rates are per-batch, mean-loss values, exactly as the blog quotes
+them (0.1, 0.4, 1.0 ...); weight decay is the mean-loss coefficient (5e-4). ``ablate.optim`` converts
+both, in one place, to the per-example LR on a summed loss that the reference code runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+PRECISIONS = ("fp32", "fp16", "fp16_bn32", "bf16")
+NORM_KINDS = ("batch", "ghost", "none")
+SCALE_INITS = ("one", "uniform")
+ACT_KINDS = ("relu", "celu")
+LOADER_KINDS = ("per_image", "device")
+PREPROCESS = ("per_image", "once")
+CHOICES = ("per_call", "bulk")
+STEMS = ("conv", "whiten")
+SHORTCUTS = ("activated", "input")
+DATA_SOURCES = ("auto", "folder", "cifar10", "synthetic")
+TIMINGS = ("with_eval", "train_only")
+
+
+@dataclass
+class ArchConfig:
+    """A registered network (``python -m ablate.models`` lists them) plus optional spec edits.
+
+    ``None`` keeps what the registered spec says; any other value replaces it, so a single trick of
+    the network can be switched on or off from the command line (``arch.pool_before_norm=false``).
+    """
+
+    name: str = "resnet9"
+    width_mult: float = 1.0  # multiplies every channel width, on top of the scale's multiplier
+    stem: Optional[str] = None  # 'conv' (3x3 prep conv) | 'whiten' (fixed 3x3 patch whitening + 1x1)
+    pool_before_norm: Optional[bool] = None  # conv -> pool -> norm -> act in the pooling layers
+    logit_scale: Optional[float] = None
+    whiten_eps: float = 1e-2
+    # E6: Page's DAWN_net adds ReLU(BN(x)) on the identity path ('activated'); bkj adds x ('input').
+    preact_shortcut: str = "activated"
+
+
+@dataclass
+class NormConfig:
+    kind: str = "batch"  # 'batch' | 'ghost' | 'none'
+    splits: int = 1  # ghost BN: the batch is normalised in this many splits
+    scale_init: str = "one"  # 'uniform' = PyTorch 0.4's U[0,1] default for BN scales (E11)
+    frozen_scale: bool = False  # BN scales fixed at 1 and not trained (step 8_6)
+    momentum: float = 0.1  # PyTorch convention: weight of the new batch statistic
+    eps: float = 1e-5
+
+
+@dataclass
+class ActConfig:
+    kind: str = "relu"  # 'relu' | 'celu'
+    alpha: float = 1.0  # CELU alpha
+
+
+@dataclass
+class PrecisionConfig:
+    # fp16: the whole model in half precision, BN included (Posts 1-2); fp16_bn32: half precision
+    # with BN kept in fp32 (Post 3 on); bf16: autocast with fp32 weights. No fp32 master weights for
+    # fp16, as in the blog (A3: master weights cost ~1 s and changed nothing).
+    name: str = "fp16_bn32"
+    channels_last: bool = False
+
+
+@dataclass
+class AugmentationConfig:
+    crop_pad: int = 4  # reflect-pad by this much, then take a random 32x32 crop (0: no crop)
+    flip: bool = True  # random horizontal flip, p = 0.5
+    cutout: int = 8  # side of the zeroed square inside the crop (0: no cutout)
+
+
+@dataclass
+class LoaderConfig:
+    """How training batches are made: the early steps' per-image DataLoader or the batched device path."""
+
+    kind: str = "per_image"  # 'per_image' (torch DataLoader) | 'device' (whole set resident on the device)
+    preprocess: str = "once"  # per_image: 'per_image' pads/normalises/transposes in __getitem__ (step 0)
+    choices: str = "bulk"  # per_image: 'per_call' = one RNG call per choice; 'bulk' = drawn per epoch
+    workers: int = 0  # per_image: DataLoader worker processes, restarted every epoch as in PyTorch 0.4
+    max_options: Optional[int] = None  # device: at most this many random crop/cutout options per epoch
+    drop_last: bool = False  # 2018 code keeps the last partial batch; the 2019 code drops it
+
+
+@dataclass
+class ScheduleConfig:
+    """Piecewise-linear LR: ``knots`` in epochs, ``lr`` per-batch mean-loss values. Epochs = last knot."""
+
+    knots: list[float] = field(default_factory=lambda: [0.0, 5.0, 24.0])
+    lr: list[float] = field(default_factory=lambda: [0.0, 0.4, 0.0])
+
+
+@dataclass
+class OptimConfig:
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4  # mean-loss units; applied to every trainable parameter (0.2)
+    bias_lr_mult: float = 1.0  # BN biases get LR x this (step 8_6: 64) ...
+    bias_wd_mult: float = 1.0  # ... and weight decay x this (step 8_6: 1/64)
+
+
+@dataclass
+class LossConfig:
+    label_smoothing: float = 0.0  # loss = (1-a) CE + a * mean over classes of -log p (A3 8.3)
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = False
+    momentum: float = 0.99  # per step; an update every ``every`` steps uses momentum**every
+    every: int = 5  # the step counter restarts every epoch, as in the 2019 code (A3 EMA mechanics)
+
+
+@dataclass
+class TTAConfig:
+    flip: bool = False  # average the logits of each test image and its mirror image
+
+
+@dataclass
+class DataConfig:
+    source: str = "auto"  # auto: an ImageFolder tree if root has train/ and test/, else torchvision CIFAR-10
+    root: Optional[str] = None
+    download: bool = True  # torchvision CIFAR-10 only
+    cache_dir: str = "~/.cache/ablate"
+    synthetic_size: int = 1024  # source=synthetic (unit tests only): images per split
+
+
+@dataclass
+class ScaleConfig:
+    name: str = "full"
+    width_mult: float = 1.0
+    train_size: Optional[int] = None  # a class-balanced subset of this many training images
+    test_size: Optional[int] = None
+    epochs: Optional[float] = None  # compress the schedule to at most this many epochs
+
+
+@dataclass
+class RefConfig:
+    """The published numbers a step is compared with (steps.md, journey-facts)."""
+
+    time_s: Optional[float] = None
+    timing: str = "with_eval"  # 'with_eval' (Posts 1-4 include per-epoch eval) | 'train_only' (Post 8)
+    accuracy: Optional[float] = None  # percent
+    accuracy_note: str = ""
+    epochs: Optional[float] = None
+    batch_size: Optional[int] = None
+    source: str = ""
+
+
+@dataclass
+class StepConfig:
+    id: str = "custom"
+    stage: str = ""
+    change: str = ""
+    ref: RefConfig = field(default_factory=RefConfig)
+
+
+@dataclass
+class Config:
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    batch_size: int = 512
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    act: ActConfig = field(default_factory=ActConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    tta: TTAConfig = field(default_factory=TTAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    step: StepConfig = field(default_factory=StepConfig)
+    seed: int = 0
+    device: str = "auto"  # 'auto' = CUDA when present, else CPU; or any torch device string
+    compile: bool = False  # torch.compile the model; compile time is kept out of train time and reported
+    target_acc: float = 94.0  # percent; for time-to-target and the share of runs reaching it
+    progress: bool = True  # a progress bar within each epoch
+
+
+def register_configs() -> None:
+    """Put the schema into Hydra's ConfigStore; ``conf/config.yaml`` names it first in its defaults."""
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+class ConfigError(ValueError):
+    """A configuration value that is well-typed but cannot be run."""
+
+
+def _one_of(errors: list[str], key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        errors.append(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _positive(errors: list[str], key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        errors.append(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(cfg: Any) -> None:
+    """Raise ConfigError naming every impossible value in ``cfg`` (a composed Config)."""
+    from ablate.models import REGISTRY  # local: keeps this module free of torch at import time
+
+    e: list[str] = []
+    if cfg.arch.name not in REGISTRY:
+        e.append(f"arch.name={cfg.arch.name!r} is not registered; choose one of {', '.join(REGISTRY)}")
+    _positive(e, "arch.width_mult", cfg.arch.width_mult)
+    _positive(e, "scale.width_mult", cfg.scale.width_mult)
+    if cfg.arch.stem is not None:
+        _one_of(e, "arch.stem", cfg.arch.stem, STEMS)
+    _one_of(e, "arch.preact_shortcut", cfg.arch.preact_shortcut, SHORTCUTS)
+    _positive(e, "arch.whiten_eps", cfg.arch.whiten_eps)
+    _positive(e, "batch_size", cfg.batch_size)
+    _one_of(e, "precision.name", cfg.precision.name, PRECISIONS)
+    _positive(e, "augmentation.crop_pad", cfg.augmentation.crop_pad, allow_zero=True)
+    _positive(e, "augmentation.cutout", cfg.augmentation.cutout, allow_zero=True)
+    if cfg.augmentation.cutout > 32:
+        e.append(f"augmentation.cutout={cfg.augmentation.cutout} does not fit in a 32x32 image")
+    _one_of(e, "loader.kind", cfg.loader.kind, LOADER_KINDS)
+    _one_of(e, "loader.preprocess", cfg.loader.preprocess, PREPROCESS)
+    _one_of(e, "loader.choices", cfg.loader.choices, CHOICES)
+    _positive(e, "loader.workers", cfg.loader.workers, allow_zero=True)
+    if cfg.loader.max_options is not None:
+        _positive(e, "loader.max_options", cfg.loader.max_options)
+    _one_of(e, "norm.kind", cfg.norm.kind, NORM_KINDS)
+    _one_of(e, "norm.scale_init", cfg.norm.scale_init, SCALE_INITS)
+    _positive(e, "norm.splits", cfg.norm.splits)
+    if cfg.norm.splits > 0 and cfg.batch_size > 0 and cfg.batch_size % cfg.norm.splits:
+        e.append(f"norm.splits={cfg.norm.splits} does not divide batch_size={cfg.batch_size}")
+    if cfg.norm.splits > 1 and not cfg.loader.drop_last:
+        e.append("ghost batch norm (norm.splits > 1) needs equal splits: set loader.drop_last=true")
+    _one_of(e, "act.kind", cfg.act.kind, ACT_KINDS)
+    _positive(e, "act.alpha", cfg.act.alpha)
+    knots, lrs = list(cfg.schedule.knots), list(cfg.schedule.lr)
+    if len(knots) < 2 or len(knots) != len(lrs):
+        e.append(f"schedule.knots ({len(knots)}) and schedule.lr ({len(lrs)}) need the same length, at least 2")
+    elif any(b < a for a, b in zip(knots, knots[1:])) or knots[0] != 0 or knots[-1] <= 0:
+        e.append(f"schedule.knots={knots} must start at 0, never decrease and end after 0")
+    if any(v < 0 for v in lrs):
+        e.append(f"schedule.lr={lrs} has a negative learning rate")
+    _positive(e, "optim.momentum", cfg.optim.momentum, allow_zero=True)
+    _positive(e, "optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
+    _positive(e, "optim.bias_lr_mult", cfg.optim.bias_lr_mult, allow_zero=True)
+    _positive(e, "optim.bias_wd_mult", cfg.optim.bias_wd_mult, allow_zero=True)
+    if not 0 <= cfg.loss.label_smoothing < 1:
+        e.append(f"loss.label_smoothing={cfg.loss.label_smoothing} must be in [0, 1)")
+    if cfg.ema.enabled:
+        if not 0 < cfg.ema.momentum < 1:
+            e.append(f"ema.momentum={cfg.ema.momentum} must be in (0, 1)")
+        _positive(e, "ema.every", cfg.ema.every)
+    _one_of(e, "data.source", cfg.data.source, DATA_SOURCES)
+    for key in ("train_size", "test_size", "epochs"):
+        value = getattr(cfg.scale, key)
+        if value is not None:
+            _positive(e, f"scale.{key}", value)
+    if cfg.scale.train_size is not None and cfg.scale.train_size < cfg.batch_size and cfg.loader.drop_last:
+        e.append(f"scale.train_size={cfg.scale.train_size} is smaller than one batch ({cfg.batch_size}) "
+                 "and loader.drop_last=true leaves no training step")
+    _one_of(e, "step.ref.timing", cfg.step.ref.timing, TIMINGS)
+    if e:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(e))

@@ -1,0 +1,459 @@
+"""Networks as data: every architecture of the journey is a ``NetSpec`` of named ``Block``s built by one
+function (design.md, "Networks as data"), so an ablation is an edit of the spec, not new model code.
+
+``build_model`` takes the normalisation and activation as injected factories (``ablate.layers``); a spec's
+own ``norm``/``act`` only record what the network was *published* with, for ``build_published`` and the
+``python -m ablate.models`` table. Run ``python -m ablate.models`` to list every registered network with
+its trainable parameters and forward MACs per image.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ablate.config import ActConfig, ArchConfig, NormConfig
+from ablate.layers import WHITEN_CHANNELS, Whitening, make_act, make_norm
+
+NormLayer = Callable[[int], nn.Module]
+ActLayer = Callable[[], nn.Module]
+
+
+# --------------------------------------------------------------------------------------------------
+# The spec
+
+
+@dataclass(frozen=True)
+class Block:
+    """One named block of a network.
+
+    kind    what to build, a key of BLOCK_BUILDERS:
+            conv      bare conv (B1 prep from step 1_1)
+            conv_bn   conv -> norm -> act, then an optional max-pool (B3 conv_bn / layer Lk)
+            norm_act  norm -> act on the input width (the shortest path's left-over pre-activations)
+            preact    B1 PreActBlock(c_in -> out, stride)
+            residual  x + [conv_bn -> conv_bn](x) at the input width (B3 Residual)
+            extra     one more conv_bn at the input width (B3 Extra)
+            whiten    fixed patch whitening 3 -> 27, then conv_bn(27 -> out) (B4 prep)
+    out     output channels at full width; 0 keeps the input width (norm_act, residual, extra)
+    kernel  conv kernel size (padding kernel // 2)
+    stride  conv stride
+    pool    max-pool size after the conv (0: none); NetSpec.pool_before_norm places it before the norm
+    """
+
+    kind: str
+    out: int = 0
+    kernel: int = 3
+    stride: int = 1
+    pool: int = 0
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """A whole network: named blocks in order, then global pooling, a linear classifier and a logit scale.
+
+    ``norm``/``act`` are the layers the network was published with; they are used only to print, count
+    and build the published network (``build_published``). A training run injects its own.
+    """
+
+    name: str
+    blocks: tuple[tuple[str, Block], ...]
+    head: str = "max"  # 'max' global max-pool | 'max_avg' concat of global max- and avg-pool (B1)
+    fc_bias: bool = False
+    logit_scale: float = 1.0
+    pool_before_norm: bool = False  # conv -> pool -> norm -> act in pooling conv_bn blocks (A3 8.2b)
+    whiten_eps: float = 1e-2
+    preact_shortcut: str = "activated"  # identity shortcut adds act(norm(x)) ('activated') or x ('input'), E6
+    norm: NormConfig = field(default_factory=NormConfig)
+    act: ActConfig = field(default_factory=ActConfig)
+    description: str = ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules the blocks are made of
+
+
+class PreActBlock(nn.Module):
+    """B1 pre-activation block: a = act(norm(x)); out = [conv -> norm -> act -> conv](a) + shortcut.
+
+    The shortcut is a 1x1 conv (stride s) on ``a`` when the shape changes; otherwise identity on ``a``
+    (Page's DAWN_net, ``shortcut_from_input=False``) or on ``x`` (bkj's PreActBlock), journey-facts E6.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int, norm_layer: NormLayer, act_layer: ActLayer,
+                 shortcut_from_input: bool = False) -> None:
+        super().__init__()
+        self.norm1, self.act1 = norm_layer(c_in), act_layer()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, padding=1, bias=False)
+        self.norm2, self.act2 = norm_layer(c_out), act_layer()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, padding=1, bias=False)
+        changes_shape = stride != 1 or c_in != c_out
+        self.projection = nn.Conv2d(c_in, c_out, 1, stride, bias=False) if changes_shape else None
+        self.shortcut_from_input = shortcut_from_input
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.act1(self.norm1(x))
+        branch = self.conv2(self.act2(self.norm2(self.conv1(a))))
+        if self.projection is not None:
+            return branch + self.projection(a)
+        return branch + (x if self.shortcut_from_input else a)
+
+
+class Residual(nn.Module):
+    """x + branch(x), with no activation after the add (B3)."""
+
+    def __init__(self, branch: nn.Module) -> None:
+        super().__init__()
+        self.branch = branch
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.branch(x)
+
+
+class GlobalMaxPool(nn.Module):
+    expansion = 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.amax(x, dim=(2, 3))
+
+
+class GlobalMaxAvgPool(nn.Module):
+    """Concatenation of global max- and average-pooling (B1's concat pool): doubles the features."""
+
+    expansion = 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([torch.amax(x, dim=(2, 3)), x.mean(dim=(2, 3))], dim=1)
+
+
+HEAD_POOLS: dict[str, type[nn.Module]] = {"max": GlobalMaxPool, "max_avg": GlobalMaxAvgPool}
+
+
+class Mul(nn.Module):
+    """Multiply by a constant: the logit scale (0.125 in Post 4, 1/16 in Post 8)."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def extra_repr(self) -> str:
+        return f"{self.scale}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+class Network(nn.Sequential):
+    """The built network: named blocks in spec order, then ``head`` (pool -> linear -> logit scale)."""
+
+    def __init__(self, spec: NetSpec, layers: "OrderedDict[str, nn.Module]") -> None:
+        super().__init__(layers)
+        self.spec = spec
+
+
+# --------------------------------------------------------------------------------------------------
+# The builder
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    """What every block builder needs besides its own block: the injected layers and the spec's switches."""
+
+    spec: NetSpec
+    norm: NormLayer
+    act: ActLayer
+
+
+def _conv(c_in: int, c_out: int, block: Block) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, block.kernel, block.stride, padding=block.kernel // 2, bias=False)
+
+
+def _build_conv(block: Block, c_in: int, c_out: int, ctx: _Ctx) -> nn.Module:
+    return _conv(c_in, c_out, block)
+
+
+def _build_conv_bn(block: Block, c_in: int, c_out: int, ctx: _Ctx) -> nn.Module:
+    layers = [("conv", _conv(c_in, c_out, block)), ("norm", ctx.norm(c_out)), ("act", ctx.act())]
+    if block.pool:
+        # Pooling before the norm normalises a 4x smaller tensor (A3 8.2b): same op, cheaper.
+        layers.insert(1 if ctx.spec.pool_before_norm else 3, ("pool", nn.MaxPool2d(block.pool)))
+    return nn.Sequential(OrderedDict(layers))
+
+
+def _build_norm_act(block: Block, c_in: int, c_out: int, ctx: _Ctx) -> nn.Module:
+    return nn.Sequential(OrderedDict([("norm", ctx.norm(c_in)), ("act", ctx.act())]))
+
+
+SHORTCUT_FROM_INPUT: dict[str, bool] = {"activated": False, "input": True}  # NetSpec.preact_shortcut
+
+
+def _build_preact(block: Block, c_in: int, c_out: int, ctx: _Ctx) -> nn.Module:
+    from_input = _lookup(SHORTCUT_FROM_INPUT, ctx.spec.preact_shortcut, "preact_shortcut")
+    return PreActBlock(c_in, c_out, block.stride, ctx.norm, ctx.act, shortcut_from_input=from_input)
+
+
+def _build_residual(block: Block, c_in: int, c_out: int, ctx: _Ctx) -> nn.Module:
+    same = Block("conv_bn", kernel=block.kernel)
+    return Residual(nn.Sequential(OrderedDict([
+        ("res1", _build_conv_bn(same, c_in, c_in, ctx)),
+        ("res2", _build_conv_bn(same, c_in, c_in, ctx)),
+    ])))
+
+
+def _build_whiten(block: Block, c_in: int, c_out: int, ctx: _Ctx) -> nn.Module:
+    # The whitening conv's 27 outputs are fixed by the 3x3x3 input patch, never by the width multiplier.
+    stem = _build_conv_bn(block, WHITEN_CHANNELS, c_out, ctx)
+    return nn.Sequential(OrderedDict([("whiten", Whitening(ctx.spec.whiten_eps)), *stem.named_children()]))
+
+
+BLOCK_BUILDERS: dict[str, Callable[[Block, int, int, _Ctx], nn.Module]] = {
+    "conv": _build_conv,
+    "conv_bn": _build_conv_bn,
+    "norm_act": _build_norm_act,
+    "preact": _build_preact,
+    "residual": _build_residual,
+    "extra": _build_conv_bn,
+    "whiten": _build_whiten,
+}
+
+
+def _scaled(channels: int, width_mult: float) -> int:
+    return max(1, round(channels * width_mult))
+
+
+def _lookup(registry: dict, key: str, what: str) -> Any:
+    try:
+        return registry[key]
+    except KeyError:
+        raise ValueError(f"unknown {what} {key!r}; choose one of {', '.join(registry)}") from None
+
+
+def build_model(spec: NetSpec, norm_layer: NormLayer, act_layer: ActLayer, width_mult: float = 1.0) -> nn.Module:
+    """Build ``spec`` with the injected layers; every channel width is multiplied by ``width_mult``."""
+    if width_mult <= 0:
+        raise ValueError(f"width_mult must be > 0, got {width_mult}")
+    ctx = _Ctx(spec, norm_layer, act_layer)
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    channels = 3
+    for name, block in spec.blocks:
+        c_out = _scaled(block.out, width_mult) if block.out else channels
+        layers[name] = _lookup(BLOCK_BUILDERS, block.kind, "block kind")(block, channels, c_out, ctx)
+        channels = c_out
+    pool = _lookup(HEAD_POOLS, spec.head, "head")()
+    layers["head"] = nn.Sequential(OrderedDict([
+        ("pool", pool),
+        ("linear", nn.Linear(channels * pool.expansion, 10, bias=spec.fc_bias)),
+        ("scale", Mul(spec.logit_scale)),
+    ]))
+    return Network(spec, layers)
+
+
+def build_published(name: str, width_mult: float = 1.0) -> nn.Module:
+    """A registered network with the norm and activation it was published with."""
+    spec = _lookup(REGISTRY, name, "network")
+    return build_model(spec, make_norm(spec.norm), make_act(spec.act), width_mult)
+
+
+# --------------------------------------------------------------------------------------------------
+# Spec edits from the config
+
+
+def _stem_conv(block: Block) -> Block:
+    return Block("conv_bn", block.out) if block.kind == "whiten" else block
+
+
+def _stem_whiten(block: Block) -> Block:
+    return Block("whiten", block.out, kernel=1) if block.kind in ("conv", "conv_bn") else block
+
+
+STEMS: dict[str, Callable[[Block], Block]] = {"conv": _stem_conv, "whiten": _stem_whiten}
+_SPEC_FIELDS = ("pool_before_norm", "logit_scale", "whiten_eps", "preact_shortcut")
+
+
+def customise(spec: NetSpec, arch: ArchConfig) -> NetSpec:
+    """``spec`` with the ArchConfig fields that are not None applied (the width is build_model's job).
+
+    ``stem='conv'`` turns a whitening prep into conv_bn(3 -> out); ``stem='whiten'`` turns a prep conv into
+    whitening -> conv_bn 1x1 (27 -> out). The stem is always the first block.
+    """
+    changes = {key: getattr(arch, key) for key in _SPEC_FIELDS if getattr(arch, key) is not None}
+    if arch.stem is not None:
+        (prep_name, prep), *rest = spec.blocks
+        changes["blocks"] = ((prep_name, _lookup(STEMS, arch.stem, "arch.stem")(prep)), *rest)
+    return dataclasses.replace(spec, **changes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Counting
+
+
+def count_params(model: nn.Module) -> int:
+    """Trainable parameters (frozen BN scales and the fixed whitening filter excluded)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# Layers whose multiply-accumulates are counted. For each, one output element costs weight[0].numel()
+# MACs: c_in/groups * k * k for a conv (the whitening buffer included), in_features for a linear layer.
+_MAC_LAYERS = (nn.Conv2d, nn.Linear, Whitening)
+
+
+def count_macs(model: nn.Module, image_size: int = 32) -> int:
+    """Forward multiply-accumulates per image of conv and linear layers (one 1 x 3 x size x size input)."""
+    total = 0
+
+    def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
+        nonlocal total
+        total += output[0].numel() * module.weight[0].numel()
+
+    reference = next(itertools.chain(model.parameters(), model.buffers()))
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _MAC_LAYERS)]
+    was_training = model.training
+    try:
+        model.eval()  # one image: batch statistics (and ghost-BN splits) would not make sense
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=reference.device, dtype=reference.dtype))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+# --------------------------------------------------------------------------------------------------
+# The registry
+
+B1_WIDTHS = (64, 128, 256, 256)  # B1: the last stage stays at 256
+B3_WIDTHS = (64, 128, 256, 512)  # prep, L1, L2, L3
+B3_LAYERS = (1, 2, 3)
+
+
+def _norm_2018() -> NormConfig:
+    """BN as published in Posts 1-4.5: PyTorch 0.4's U[0,1] scales (E11). A fresh copy per spec, since
+    NormConfig is mutable and specs must not share it."""
+    return NormConfig(scale_init="uniform")
+
+
+def _preact18(name: str, prep_norm_act: bool, description: str) -> NetSpec:
+    """B1: prep conv (+ BN-ReLU in the original), then 4 stages of 2 PreActBlocks, concat pool, FC+bias."""
+    blocks = [("prep", Block("conv_bn" if prep_norm_act else "conv", B1_WIDTHS[0]))]
+    for stage, width in enumerate(B1_WIDTHS, 1):
+        for i in range(2):
+            stride = 2 if stage > 1 and i == 0 else 1
+            blocks.append((f"layer{stage}_block{i}", Block("preact", width, stride=stride)))
+    return NetSpec(name, tuple(blocks), head="max_avg", fc_bias=True, norm=_norm_2018(),
+                   description=description)
+
+
+def _shortest_path_repeat() -> NetSpec:
+    """4_1: B1 (with its prep BN-ReLU) with every residual branch removed.
+
+    With Page's activated identity (E6) a block without its branch is its pre-activation, and a
+    downsampling block the 1x1 stride-2 projection after it.
+    """
+    # Open in the facts (B2/A2): 4_1's exact BN-ReLU layout. Chosen: one per removed B1 block, back to back.
+    blocks = [("prep", Block("conv_bn", B1_WIDTHS[0]))]
+    for stage, width in enumerate(B1_WIDTHS, 1):
+        for i in range(2):
+            blocks.append((f"layer{stage}_block{i}", Block("norm_act")))
+            if stage > 1 and i == 0:
+                blocks.append((f"layer{stage}_block{i}_conv", Block("conv", width, kernel=1, stride=2)))
+    return NetSpec("shortest_path_repeat", tuple(blocks), head="max_avg", fc_bias=True,
+                   norm=_norm_2018(), description="step 4_1 / B1 shortest path (branches removed)")
+
+
+def _layers(widths: tuple[int, ...], kernel: int = 3, stride: int = 1, pool: int = 2,
+            residual: tuple[int, ...] = (), extra: tuple[int, ...] = ()) -> tuple[tuple[str, Block], ...]:
+    """prep conv_bn(3 -> widths[0]), then layer k = conv_bn(-> widths[k]) followed by its optional
+    Residual and Extra blocks, in that order (B3). Shared by the Post 4 shortest paths and the B3 family."""
+    blocks = [("prep", Block("conv_bn", widths[0]))]
+    for k, width in enumerate(widths[1:], 1):
+        blocks.append((f"layer{k}", Block("conv_bn", width, kernel, stride, pool)))
+        if k in residual:
+            blocks.append((f"layer{k}_res", Block("residual")))
+        if k in extra:
+            blocks.append((f"layer{k}_extra", Block("extra")))
+    return tuple(blocks)
+
+
+def _shortest_path(name: str, description: str, widths: tuple[int, ...] = B1_WIDTHS, kernel: int = 3,
+                   stride: int = 1, pool: int = 2, head: str = "max_avg") -> NetSpec:
+    # Open in the facts: what 4_2 keeps of 4_1's BN-ReLUs. Chosen: one after each conv (= conv_bn blocks).
+    # Steps 4_2-4_5 still use the 2018 published layers (U[0,1] BN scales, FC bias, logit scale 1).
+    return NetSpec(name, _layers(widths, kernel, stride, pool), head=head, fc_bias=True,
+                   norm=_norm_2018(), description=description)
+
+
+def _backbone(name: str, description: str, widths: tuple[int, ...] = B3_WIDTHS,
+              residual: tuple[int, ...] = (), extra: tuple[int, ...] = ()) -> NetSpec:
+    """B3 backbone (step 4_6: BN scales start at 1, no FC bias, logits x 0.125) plus optional blocks."""
+    return NetSpec(name, _layers(widths, residual=residual, extra=extra), head="max", fc_bias=False,
+                   logit_scale=0.125, description=description)
+
+
+def _family() -> list[NetSpec]:
+    """B3's 15 networks: the backbone plus Extra or Residual blocks on every non-empty subset of L1-L3."""
+    nets = [_backbone("backbone", "step 4_6 / Post 4 backbone (B3)")]
+    for kind, title in (("extra", "Extra"), ("residual", "Residual")):
+        for r in range(1, len(B3_LAYERS) + 1):
+            for subset in itertools.combinations(B3_LAYERS, r):
+                name = f"{kind}_" + "".join(f"l{k}" for k in subset)
+                where = "+".join(f"L{k}" for k in subset)
+                nets.append(_backbone(name, f"step 4_7 / {title}:{where}", **{kind: subset}))
+    return nets
+
+
+def _registry() -> dict[str, NetSpec]:
+    nets = [
+        _preact18("preact18_repeat", True, "step 0 / B1 pre-act ResNet-18, repeated BN-ReLU"),
+        _preact18("preact18", False, "steps 1_1-3 / B1 without the prep BN-ReLU"),
+        _shortest_path_repeat(),
+        _shortest_path("shortest_path", "step 4_2 / shortest path, no repeated BN-ReLU",
+                       kernel=1, stride=2, pool=0),
+        _shortest_path("shortest_path_3x3", "step 4_3 / 3x3 stride-2 downsampling", stride=2, pool=0),
+        _shortest_path("shortest_path_pool", "step 4_4 / 3x3 conv + 2x2 max-pool"),
+        _shortest_path("shortest_path_wide", "step 4_5 / widths to 512, global max-pool",
+                       widths=B3_WIDTHS, head="max"),
+        *_family(),
+    ]
+    registry = {spec.name: spec for spec in nets}
+    resnet9 = dataclasses.replace(registry["residual_l1l3"], name="resnet9",
+                                  description="step 4_9 on / ResNet9 = Residual:L1+L3")
+    registry["resnet9"] = resnet9
+    registry["backbone_2x"] = _backbone("backbone_2x", "A2 4.8 / backbone at 2x width",
+                                        widths=tuple(2 * w for w in B3_WIDTHS))
+    (_, prep), *rest = resnet9.blocks
+    registry["resnet9_final"] = dataclasses.replace(
+        resnet9, name="resnet9_final", blocks=(("prep", _stem_whiten(prep)), *rest),
+        pool_before_norm=True, logit_scale=1 / 16, whiten_eps=1e-2,
+        norm=NormConfig(kind="ghost", splits=16, frozen_scale=True), act=ActConfig(kind="celu", alpha=0.3),
+        description="step 8_7 on / Post 8 final (B4)")
+    return registry
+
+
+REGISTRY: dict[str, NetSpec] = _registry()
+
+
+# --------------------------------------------------------------------------------------------------
+# python -m ablate.models
+
+
+def main() -> None:
+    """Print every registered network at full scale: trainable parameters, forward MACs, description."""
+    rows = []
+    for name in REGISTRY:
+        model = build_published(name)
+        rows.append((name, f"{count_params(model):,}", f"{count_macs(model) / 1e6:.1f}", REGISTRY[name].description))
+    header = ("network", "params", "MACs (M)", "description")
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    print(f"{header[0]:<{widths[0]}}  {header[1]:>{widths[1]}}  {header[2]:>{widths[2]}}  {header[3]}")
+    print("  ".join("-" * w for w in widths))
+    for name, params, macs, description in rows:
+        print(f"{name:<{widths[0]}}  {params:>{widths[1]}}  {macs:>{widths[2]}}  {description}")
+
+if __name__ == "__main__":
+    main()

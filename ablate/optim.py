@@ -1,0 +1,68 @@
+"""Learning-rate schedules, parameter groups and the one place where blog units become torch units.
+
+The blog quotes per-batch learning rates for a mean loss (0.4) and weight decay 5e-4. The reference
+code sums the loss over the batch and hands SGD ``lr / batch_size`` and ``weight_decay * batch_size``
+(journey-facts 0.1); the update is the same, and a summed loss keeps fp16 gradients away from
+underflow, so ablate runs it that way too.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ablate.config import OptimConfig, ScheduleConfig
+
+
+def piecewise_linear(knots: Sequence[float], values: Sequence[float]) -> Callable[[float], float]:
+    """f(t) linear between (knot, value) pairs and constant beyond the ends, as np.interp."""
+    knots, values = list(knots), list(values)
+    return lambda t: float(np.interp(t, knots, values))
+
+
+def schedule_knots(schedule: ScheduleConfig, max_epochs: float | None) -> list[float]:
+    """The schedule's knots, compressed in time when a scale caps the epochs (smoke scale only)."""
+    knots = [float(k) for k in schedule.knots]
+    if max_epochs is not None and knots[-1] > max_epochs:
+        knots = [k * max_epochs / knots[-1] for k in knots]
+    return knots
+
+
+def to_torch_units(lr: float, weight_decay: float, batch_size: int) -> tuple[float, float]:
+    """Blog units (per-batch LR, mean-loss WD) -> per-example LR and WD for a summed loss."""
+    return lr / batch_size, weight_decay * batch_size
+
+
+def _is_norm_bias(module: nn.Module, name: str) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and name == "bias"
+
+
+def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
+    """Every trainable parameter gets weight decay (journey-facts 0.2); BN biases may get their own
+    LR and WD multipliers (step 8_6). Frozen parameters (requires_grad False) are left out."""
+    biases, others = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                (biases if _is_norm_bias(module, name) else others).append(p)
+    groups = [dict(params=others, lr_mult=1.0, wd_mult=1.0)]
+    if biases:
+        groups.append(dict(params=biases, lr_mult=optim.bias_lr_mult, wd_mult=optim.bias_wd_mult))
+    return groups
+
+
+def make_optimizer(model: nn.Module, optim: OptimConfig, batch_size: int) -> torch.optim.SGD:
+    """Nesterov SGD in summed-loss units; ``set_lr`` sets each group's LR before every step."""
+    _, wd = to_torch_units(0.0, optim.weight_decay, batch_size)
+    groups = [dict(g, weight_decay=wd * g["wd_mult"]) for g in param_groups(model, optim)]
+    return torch.optim.SGD(groups, lr=0.0, momentum=optim.momentum, nesterov=optim.nesterov,
+                           weight_decay=wd)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, batch_size: int) -> None:
+    """Set the blog-units ``lr`` on every group (a Python float: no host-device sync)."""
+    per_example, _ = to_torch_units(lr, 0.0, batch_size)
+    for group in optimizer.param_groups:
+        group["lr"] = per_example * group["lr_mult"]

@@ -1,0 +1,115 @@
+"""Entry point: ``python -m ablate.run +step=step4 [group=option ...] [key=value ...]``.
+
+compose (Hydra) -> validate -> train -> record. Bad input stops before any training with a message
+that names the value at fault; a run that fails midway is recorded as failed, never lost.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from ablate.config import ArchConfig, ConfigError, register_configs, validate
+from ablate.data import DataError
+from ablate.models import REGISTRY
+from ablate.records import RunRecord
+
+log = logging.getLogger("ablate")
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+COLUMNS = [  # (metrics key, header, format)
+    ("epoch", "epoch", "{:>5d}"), ("lr", "lr", "{:>7.4f}"), ("train_loss", "train loss", "{:>10.4f}"),
+    ("train_acc", "train acc", "{:>9.2f}"), ("test_loss", "test loss", "{:>9.4f}"),
+    ("test_acc", "test acc", "{:>8.2f}"), ("epoch_seconds", "epoch s", "{:>8.2f}"),
+    ("train_seconds", "total train s", "{:>13.2f}"),
+]
+
+
+NUMERIC_GROUPS = ("batch_size",)
+_NUMERIC_CHOICE = re.compile(r"^(\+{0,2}(%s))=(\d+(,\d+)*)$" % "|".join(NUMERIC_GROUPS))
+
+
+def quote_numeric_choices(overrides: list[str]) -> list[str]:
+    """``batch_size=512`` -> ``batch_size='512'``: Hydra parses 512 as an int and refuses an int as a
+    config-group choice, so the options named by numbers are quoted for it (sweeps too)."""
+    def quote(arg: str) -> str:
+        m = _NUMERIC_CHOICE.match(arg)
+        return f"{m.group(1)}=" + ",".join(f"'{v}'" for v in m.group(3).split(",")) if m else arg
+    return [quote(a) for a in overrides]
+
+
+def register_all() -> None:
+    """The schema, plus one ``arch`` option per registered network (the registry is the source)."""
+    register_configs()
+    store = ConfigStore.instance()
+    for name in REGISTRY:
+        store.store(group="arch", name=name, node=ArchConfig(name=name))
+
+
+def format_header() -> str:
+    return "  ".join(f"{h:>{len(f.format(0) if 'd' in f else f.format(0.0))}}" for _, h, f in COLUMNS)
+
+
+def format_row(row: dict) -> str:
+    return "  ".join(f.format(row[k]) for k, _, f in COLUMNS)
+
+
+def execute(cfg: DictConfig, run_dir: Path) -> dict:
+    """Validate ``cfg``, train it and keep its records in ``run_dir``; return the summary."""
+    from ablate.train import train  # torch-heavy; imported once the config is known to be valid
+
+    validate(cfg)
+    resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    record = RunRecord(run_dir, resolved)
+    log.info("%s | arch %s | scale %s | seed %d | run dir %s", cfg.step.id, cfg.arch.name,
+             cfg.scale.name, cfg.seed, run_dir)
+
+    def on_start(info: dict) -> None:
+        record.update(**info)
+        log.info("device %s | precision %s (asked %s) | %s trainable parameters | data %s",
+                 info["device"], info["precision_used"], cfg.precision.name, f"{info['params']:,}",
+                 info["data_source"])
+        if info.get("compile_seconds") is not None:
+            log.info("torch.compile took %.1f s (not counted in train time)", info["compile_seconds"])
+        log.info(format_header())
+
+    def on_epoch(row: dict) -> None:
+        record.epoch(row)
+        log.info(format_row(row))
+
+    try:
+        results = train(cfg, on_start=on_start, on_epoch=on_epoch)
+    except BaseException as err:  # KeyboardInterrupt too: the record must say the run did not finish
+        record.finish("failed", error=f"{type(err).__name__}: {err}")
+        raise
+    summary = record.finish("completed", **results)
+    log.info("%s: test accuracy %.2f%% after %d epochs, %.1f s training + %.1f s evaluation (%s, %s)",
+             cfg.step.id, summary["test_acc"], summary["epochs"], summary["train_seconds"],
+             summary["eval_seconds"], summary["device"], summary["precision_used"])
+    return summary
+
+
+register_all()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float:
+    try:
+        summary = execute(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except (ConfigError, DataError) as err:
+        print(f"ablate: {err}", file=sys.stderr)  # a message for the user, not a traceback
+        sys.exit(2)
+    return summary["test_acc"]
+
+
+if __name__ == "__main__":
+    sys.argv[1:] = quote_numeric_choices(sys.argv[1:])
+    main()

@@ -1,0 +1,259 @@
+"""Networks as data: published parameter/MAC counts, the builder's structure, customise, the table."""
+from __future__ import annotations
+
+import dataclasses
+from functools import lru_cache
+
+import pytest
+import torch
+from torch import nn
+
+from ablate.config import ArchConfig, NormConfig, ActConfig
+from ablate.layers import GhostBatchNorm, Whitening, make_act, make_norm
+from ablate.models import REGISTRY, Block, PreActBlock, build_model, build_published, count_macs, \
+    count_params, customise, main
+
+# B3 of journey-facts: trainable parameters (BN gamma and beta included) and forward MACs in millions.
+B3 = {
+    "backbone": (1_557_056, 228),
+    "extra_l1": (1_704_768, 266),
+    "extra_l2": (2_147_392, 266),
+    "extra_l3": (3_917_376, 266),
+    "extra_l1l2": (2_295_104, 304),
+    "extra_l1l3": (4_065_088, 304),
+    "extra_l2l3": (4_507_712, 304),
+    "extra_l1l2l3": (4_655_424, 342),
+    "residual_l1": (1_852_480, 304),
+    "residual_l2": (2_737_728, 304),
+    "residual_l3": (6_277_696, 304),
+    "residual_l1l2": (3_033_152, 379),
+    "residual_l1l3": (6_573_120, 379),
+    "residual_l2l3": (7_458_368, 379),
+    "residual_l1l2l3": (7_753_792, 455),
+    "resnet9": (6_573_120, 379),
+    "backbone_2x": (6_210_688, 910),
+}
+# Other published counts (B1, B4) and approximate MACs (within 1%).
+PARAMS = {"preact18": 5_205_834, "preact18_repeat": 5_205_962, "resnet9_final": 6_570_880}
+APPROX_MACS = {"preact18": 460e6, "preact18_repeat": 460e6, "resnet9_final": 380e6}
+
+BATCH_NORM = make_norm(NormConfig())
+RELU = make_act(ActConfig())
+
+
+@lru_cache(maxsize=None)
+def _published_counts(name: str) -> tuple[int, int]:
+    model = build_published(name)
+    return count_params(model), count_macs(model)
+
+
+def test_registry_names() -> None:
+    family = ["backbone"] + [f"{kind}_{s}" for kind in ("extra", "residual")
+                             for s in ("l1", "l2", "l3", "l1l2", "l1l3", "l2l3", "l1l2l3")]
+    assert len(family) == 15
+    expected = {*family, "preact18_repeat", "preact18", "shortest_path_repeat", "shortest_path",
+                "shortest_path_3x3", "shortest_path_pool", "shortest_path_wide", "resnet9", "backbone_2x",
+                "resnet9_final"}
+    assert set(REGISTRY) == expected
+    assert all(name == spec.name for name, spec in REGISTRY.items())
+
+
+@pytest.mark.parametrize("name", list(B3))
+def test_b3_params_and_macs(name: str) -> None:
+    params, macs = _published_counts(name)
+    assert params == B3[name][0]
+    assert round(macs / 1e6) == B3[name][1]
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_b1_b4_params_and_macs(name: str) -> None:
+    params, macs = _published_counts(name)
+    assert params == PARAMS[name]
+    assert macs == pytest.approx(APPROX_MACS[name], rel=0.01)
+
+
+def test_resnet9_final_counts_the_whitening_conv_but_not_its_weights() -> None:
+    # 729 fixed whitening weights, 27*64 learnable 1x1 weights and BN betas only; MACs include the
+    # whitening conv, 32*32*27*27, on top of ResNet9's (its 1x1 27->64 costs what a 3x3 3->64 does).
+    params, macs = _published_counts("resnet9_final")
+    assert macs == _published_counts("resnet9")[1] + 32 * 32 * 27 * 27 == 379_261_952 + 746_496
+    model = build_published("resnet9_final")
+    assert sum(b.numel() for n, b in model.named_buffers() if n.endswith("whiten.weight")) == 729
+
+
+def _forward_backward(model: nn.Module, batch: int) -> None:
+    x = torch.randn(batch, 3, 32, 32)
+    for m in model.modules():
+        if isinstance(m, Whitening):
+            m.fit(x)
+    out = model(x)
+    assert out.shape == (batch, 10)
+    out.square().sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_every_network_trains_at_one_eighth_width(name: str) -> None:
+    torch.manual_seed(0)
+    _forward_backward(build_model(REGISTRY[name], BATCH_NORM, RELU, width_mult=1 / 8), batch=4)
+
+
+def test_published_final_network_with_ghost_bn() -> None:
+    torch.manual_seed(0)
+    model = build_published("resnet9_final", width_mult=1 / 8)
+    ghosts = [m for m in model.modules() if isinstance(m, GhostBatchNorm)]
+    assert len(ghosts) == 8 and all(g.splits == 16 and not g.weight.requires_grad for g in ghosts)
+    acts = [m for m in model.modules() if isinstance(m, (nn.CELU, nn.ReLU))]
+    assert len(acts) == 8 and all(isinstance(m, nn.CELU) and m.alpha == 0.3 for m in acts)
+    _forward_backward(model, batch=16)
+    with pytest.raises(ValueError):
+        model(torch.randn(4, 3, 32, 32))
+
+
+def _convs(model: nn.Module) -> dict[str, nn.Conv2d]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def test_quarter_width_resnet9() -> None:
+    convs = _convs(build_model(REGISTRY["resnet9"], BATCH_NORM, RELU, width_mult=1 / 4))
+    widths = [convs[f"{layer}.conv"].out_channels for layer in ("prep", "layer1", "layer2", "layer3")]
+    assert widths == [16, 32, 64, 128]
+    final = build_published("resnet9_final", width_mult=1 / 4)
+    assert isinstance(final.prep.whiten, Whitening) and final.prep.whiten.weight.shape == (27, 3, 3, 3)
+    assert (final.prep.conv.in_channels, final.prep.conv.out_channels, final.prep.conv.kernel_size) == \
+        (27, 16, (1, 1))
+    assert final.head.linear.in_features == 128
+
+
+def test_top_level_children_follow_the_spec() -> None:
+    model = build_published("resnet9")
+    assert [name for name, _ in model.named_children()] == \
+        ["prep", "layer1", "layer1_res", "layer2", "layer3", "layer3_res", "head"]
+    extra = build_published("extra_l1l2l3")
+    assert [name for name, _ in extra.named_children()] == \
+        ["prep", "layer1", "layer1_extra", "layer2", "layer2_extra", "layer3", "layer3_extra", "head"]
+
+
+def _child_types(block: nn.Module) -> list[tuple[str, type]]:
+    return [(name, type(m)) for name, m in block.named_children()]
+
+
+def test_pool_before_norm_orders_the_pooling_layers() -> None:
+    final = build_published("resnet9_final", width_mult=1 / 8)
+    for layer in ("layer1", "layer2", "layer3"):
+        assert _child_types(getattr(final, layer)) == \
+            [("conv", nn.Conv2d), ("pool", nn.MaxPool2d), ("norm", GhostBatchNorm), ("act", nn.CELU)]
+    resnet9 = build_published("resnet9", width_mult=1 / 8)
+    assert _child_types(resnet9.layer2) == \
+        [("conv", nn.Conv2d), ("norm", nn.BatchNorm2d), ("act", nn.ReLU), ("pool", nn.MaxPool2d)]
+    # The switch is a spec field: customise flips it both ways.
+    flipped = build_model(customise(REGISTRY["resnet9"], ArchConfig(pool_before_norm=True)), BATCH_NORM, RELU, 1 / 8)
+    assert [name for name, _ in flipped.layer2.named_children()] == ["conv", "pool", "norm", "act"]
+    unflipped = build_model(customise(REGISTRY["resnet9_final"], ArchConfig(pool_before_norm=False)),
+                            BATCH_NORM, RELU, 1 / 8)
+    assert [name for name, _ in unflipped.layer2.named_children()] == ["conv", "norm", "act", "pool"]
+
+
+def test_customise_conv_stem_on_the_final_network() -> None:
+    spec = customise(REGISTRY["resnet9_final"], ArchConfig(stem="conv"))
+    published = build_model(spec, make_norm(spec.norm), make_act(spec.act))
+    assert not any(isinstance(m, Whitening) for m in published.modules())
+    conv = published.prep.conv
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (3, 64, (3, 3))
+    # A 3x3x3->64 conv has as many weights as the 27->64 1x1 it replaces, and the 2,240 BN scales stay
+    # frozen with the published norm: ResNet9's 6,573,120 - 2,240.
+    assert count_params(published) == 6_573_120 - 2_240 == 6_570_880
+    # With ordinary (trainable-scale) BN injected it is ResNet9 exactly.
+    assert count_params(build_model(spec, BATCH_NORM, RELU)) == 6_573_120
+    # The rest of the Post 8 spec is untouched.
+    assert spec.pool_before_norm and spec.logit_scale == 1 / 16 and spec.blocks[1:] == REGISTRY["resnet9_final"].blocks[1:]
+
+
+def test_customise_whiten_stem_and_scalars() -> None:
+    arch = ArchConfig(stem="whiten", logit_scale=0.25, whiten_eps=1e-3, preact_shortcut="input")
+    spec = customise(REGISTRY["resnet9"], arch)
+    assert spec.blocks[0] == ("prep", Block("whiten", 64, kernel=1))
+    assert (spec.logit_scale, spec.whiten_eps, spec.preact_shortcut) == (0.25, 1e-3, "input")
+    model = build_model(spec, BATCH_NORM, RELU)
+    assert model.prep.whiten.eps == 1e-3 and count_params(model) == 6_573_120
+    # None keeps the registered values.
+    assert customise(REGISTRY["resnet9_final"], ArchConfig()) == REGISTRY["resnet9_final"]
+    with pytest.raises(ValueError, match="arch.stem"):
+        customise(REGISTRY["resnet9"], ArchConfig(stem="patchify"))
+
+
+def test_logit_scale_multiplies_the_logits() -> None:
+    x = torch.randn(2, 3, 32, 32)
+    spec = REGISTRY["backbone"]
+    outputs = []
+    for scale in (spec.logit_scale, 1.0):
+        torch.manual_seed(0)
+        model = build_model(dataclasses.replace(spec, logit_scale=scale), BATCH_NORM, RELU, 1 / 8).eval()
+        outputs.append(model(x))
+    assert spec.logit_scale == 0.125
+    torch.testing.assert_close(outputs[0], outputs[1] * 0.125)
+
+
+def test_heads() -> None:
+    preact = build_published("preact18", width_mult=1 / 8)
+    assert preact.head.linear.in_features == 2 * 32 and preact.head.linear.bias is not None
+    backbone = build_published("backbone", width_mult=1 / 8)
+    assert backbone.head.linear.in_features == 64 and backbone.head.linear.bias is None
+    x = torch.randn(2, 64, 4, 4)
+    torch.testing.assert_close(preact.head.pool(x), torch.cat([x.amax((2, 3)), x.mean((2, 3))], 1))
+
+
+def test_published_layers_of_the_2018_networks() -> None:
+    for name in ("preact18", "shortest_path_pool"):
+        scales = [m.weight for m in build_published(name).modules() if isinstance(m, nn.BatchNorm2d)]
+        assert all(s.min() >= 0 and s.max() <= 1 for s in scales)
+        assert not all(torch.equal(s, torch.ones_like(s)) for s in scales)  # U[0,1], not PyTorch's 1
+    scales = [m.weight for m in build_published("backbone").modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.equal(s, torch.ones_like(s)) for s in scales)
+
+
+@pytest.mark.parametrize("shortcut_from_input", [False, True])
+def test_preact_identity_shortcut(shortcut_from_input: bool) -> None:
+    block = PreActBlock(8, 8, 1, BATCH_NORM, RELU, shortcut_from_input).eval()
+    nn.init.zeros_(block.conv2.weight)  # no branch: the output is the shortcut alone
+    x = torch.randn(2, 8, 6, 6)
+    expected = x if shortcut_from_input else block.act1(block.norm1(x))
+    torch.testing.assert_close(block(x), expected)
+    down = PreActBlock(8, 16, 2, BATCH_NORM, RELU, shortcut_from_input).eval()
+    nn.init.zeros_(down.conv2.weight)  # the projection always sees the activated input
+    torch.testing.assert_close(down(x), down.projection(down.act1(down.norm1(x))))
+    assert (down.projection.kernel_size, down.projection.stride) == ((1, 1), (2, 2))
+
+
+def test_shortest_path_steps() -> None:
+    def kinds(name: str) -> list[str]:
+        return [block.kind for _, block in REGISTRY[name].blocks]
+
+    # 4_1 keeps a pre-activation for each of B1's 8 blocks after the prep BN-ReLU; 4_2 has none left.
+    assert kinds("shortest_path_repeat").count("norm_act") == 8
+    assert kinds("shortest_path") == ["conv_bn"] * 4
+    convs = lambda name: [(c.kernel_size[0], c.stride[0], c.out_channels)  # noqa: E731
+                          for c in _convs(build_published(name)).values()][1:]
+    assert convs("shortest_path_repeat") == convs("shortest_path") == [(1, 2, 128), (1, 2, 256), (1, 2, 256)]
+    assert convs("shortest_path_3x3") == [(3, 2, 128), (3, 2, 256), (3, 2, 256)]
+    assert convs("shortest_path_pool") == [(3, 1, 128), (3, 1, 256), (3, 1, 256)]
+    assert convs("shortest_path_wide") == [(3, 1, 128), (3, 1, 256), (3, 1, 512)]
+    assert REGISTRY["shortest_path_pool"].head == "max_avg" and REGISTRY["shortest_path_wide"].head == "max"
+
+
+def test_unknown_names_are_rejected() -> None:
+    bad = dataclasses.replace(REGISTRY["backbone"], blocks=(("prep", Block("dense", 64)),))
+    with pytest.raises(ValueError, match="block kind"):
+        build_model(bad, BATCH_NORM, RELU)
+    with pytest.raises(ValueError, match="network"):
+        build_published("resnet18")
+
+
+def test_main_lists_every_network(capsys: pytest.CaptureFixture[str]) -> None:
+    main()
+    lines = capsys.readouterr().out.splitlines()
+    listed = [line.split()[0] for line in lines[2:]]
+    assert listed == list(REGISTRY)
+    resnet9 = next(line for line in lines if line.startswith("resnet9 "))
+    assert "6,573,120" in resnet9 and "379.3" in resnet9

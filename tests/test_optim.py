@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ablate.config import OptimConfig, ScheduleConfig
+from ablate.optim import (make_optimizer, param_groups, piecewise_linear, schedule_knots, set_lr,
+                          to_torch_units)
+
+
+@pytest.mark.parametrize("knots, values", [
+    ([0, 5, 24], [0, 0.4, 0]), ([0, 15, 15, 30, 35], [0, 0.1, 0.105, 0.005, 0]),
+    ([0, 2, 8, 10], [0, 1.0, 0.1, 0.1]),
+])
+def test_schedule_equals_np_interp(knots, values):
+    f = piecewise_linear(knots, values)
+    for t in np.linspace(-1, knots[-1] + 2, 301):
+        assert f(t) == pytest.approx(np.interp(t, knots, values))
+
+
+def test_schedule_compression_scales_knots_only_when_capped():
+    s = ScheduleConfig(knots=[0, 5, 24], lr=[0, 0.4, 0])
+    assert schedule_knots(s, None) == [0, 5, 24]
+    assert schedule_knots(s, 30) == [0, 5, 24]
+    assert schedule_knots(s, 2) == pytest.approx([0, 5 / 12, 2])
+
+
+def test_units_follow_the_reference_code():
+    # journey-facts 0.1: Post 4 bs 512, peak 0.4 -> 7.81e-4 per example, WD 0.256 as passed
+    lr, wd = to_torch_units(0.4, 5e-4, 512)
+    assert lr == pytest.approx(7.8125e-4) and wd == pytest.approx(0.256)
+
+
+def _toy():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+
+
+def test_bias_groups_get_multiplied_lr_and_wd():
+    model = _toy()
+    model[1].weight.requires_grad_(False)  # frozen BN scale: not in the optimiser at all
+    opt = make_optimizer(model, OptimConfig(bias_lr_mult=64, bias_wd_mult=1 / 64), batch_size=512)
+    set_lr(opt, 1.0, 512)
+    main, bias = opt.param_groups
+    assert bias["params"] == [model[1].bias]
+    assert bias["lr"] == pytest.approx(64 / 512) and main["lr"] == pytest.approx(1 / 512)
+    assert bias["weight_decay"] == pytest.approx(5e-4 * 512 / 64) and main["weight_decay"] == pytest.approx(0.256)
+    assert all(p is not model[1].weight for g in opt.param_groups for p in g["params"])
+    assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+
+
+def test_sgd_step_equals_mean_loss_update():
+    """A summed-loss step in torch units equals w - lr (mean grad + wd w) in blog units."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1, bias=False)
+    w0 = model.weight.detach().clone()
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    opt = make_optimizer(model, OptimConfig(momentum=0.0, nesterov=False), batch_size=8)
+    set_lr(opt, 0.4, 8)
+    ((model(x) - y) ** 2).sum().backward()
+    mean_grad = model.weight.grad / 8
+    opt.step()
+    assert torch.allclose(model.weight, w0 - 0.4 * (mean_grad + 5e-4 * w0), atol=1e-6)
+    assert len(param_groups(model, OptimConfig())) == 1

@@ -1,0 +1,37 @@
+import json
+
+from ablate.records import RunRecord, config_key, read_summary, write_atomic
+
+
+def _config(seed=0):
+    return {"step": {"id": "step4"}, "arch": {"name": "resnet9"}, "seed": seed, "scale": {"name": "smoke"},
+            "precision": {"name": "fp32"}, "progress": True}
+
+
+def test_record_lifecycle(tmp_path):
+    rec = RunRecord(tmp_path, _config())
+    assert read_summary(tmp_path)["status"] == "running"
+    rec.epoch({"epoch": 1, "test_acc": 50.0})
+    rec.epoch({"epoch": 2, "test_acc": 60.0})
+    rec.finish("completed", test_acc=60.0)
+    summary = read_summary(tmp_path)
+    assert summary["status"] == "completed" and summary["test_acc"] == 60.0
+    assert summary["config_key"] == config_key(_config()) and "torch_version" in summary
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert (tmp_path / "config.yaml").read_text().startswith("step:")
+
+
+def test_config_key_ignores_progress_but_not_seed():
+    a, b = _config(), _config()
+    b["progress"] = False
+    assert config_key(a) == config_key(b)
+    assert config_key(a) != config_key(_config(seed=1))
+
+
+def test_write_atomic_leaves_no_temporary_files(tmp_path):
+    write_atomic(tmp_path / "x.json", "{}")
+    write_atomic(tmp_path / "x.json", '{"a": 1}')
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
+    assert read_summary(tmp_path / "nowhere") is None

@@ -1,0 +1,110 @@
+"""The journey as configs: every step composes and runs, and each is its predecessor plus its row."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from ablate.config import validate
+from ablate.models import REGISTRY, customise
+from ablate.records import read_summary
+from ablate.run import execute
+from tests.conftest import REPO, SMOKE, make_cfg
+
+# Each step = the step before it + these overrides (the "change" column of steps.md).
+CHAIN = {
+    "step1_1": ("step0", ["arch=preact18", "schedule=cycle35"]),
+    "step1_2": ("step1_1", ["loader=per_image_once"]),
+    "step1_3": ("step1_2", ["loader=per_image_bulk"]),
+    "step1_4": ("step1_3", ["loader=per_image"]),
+    "step1": ("step1_4", []),
+    "step2": ("step1", ["batch_size=512", "schedule=cycle35_lr044"]),
+    "step3_1": ("step2", ["precision=fp16_bn32"]),
+    "step3_2": ("step3_1", ["augmentation=crop_flip_cutout8", "schedule=warmup30"]),
+    "step3_3": ("step3_2", ["batch_size=768", "schedule=warmup30_lr06"]),
+    "step3": ("step3_3", []),
+    "step4_1": ("step3", ["arch=shortest_path_repeat", "batch_size=512", "schedule=warmup20"]),
+    "step4_2": ("step4_1", ["arch=shortest_path"]),
+    "step4_3": ("step4_2", ["arch=shortest_path_3x3"]),
+    "step4_4": ("step4_3", ["arch=shortest_path_pool"]),
+    "step4_5": ("step4_4", ["arch=shortest_path_wide"]),
+    "step4_6": ("step4_5", ["arch=backbone", "norm=batchnorm"]),
+    "step4_9": ("step4_6", ["arch=resnet9"]),
+    "step4_10": ("step4_9", ["schedule=warmup24"]),
+    "step4": ("step4_10", []),
+    "step5": ("step4", []),
+    "step6": ("step5", []),
+    "step7": ("step6", []),
+    "step8_1": ("step7", ["loader=device"]),
+    "step8_2": ("step8_1", ["arch.pool_before_norm=true", "schedule=warmup25"]),
+    "step8_3": ("step8_2", ["loss=label_smoothing", "schedule=warmup23"]),
+    "step8_4": ("step8_3", ["act=celu075", "schedule=warmup20"]),
+    "step8_5": ("step8_4", ["norm=ghost", "schedule=warmup18_lr06"]),
+    "step8_6": ("step8_5", ["norm=ghost_frozen", "act=celu03", "arch.logit_scale=0.0625",
+                            "optim=nesterov_bias64", "schedule=warmup17_lr06"]),
+    "step8_7": ("step8_6", ["arch.stem=whiten", "augmentation=crop_flip_cutout5", "schedule=warmup14_lr1"]),
+    "step8_8": ("step8_7", ["ema=ema", "schedule=ema13"]),
+    "step8_9": ("step8_8", ["tta=flip", "augmentation=crop_flip", "schedule=ema10"]),
+    "step8": ("step8_9", []),
+}
+STEP_IDS = sorted(p.stem for p in (REPO / "conf" / "step").glob("*.yaml"))
+
+
+def _recipe(*overrides):
+    cfg = OmegaConf.to_container(make_cfg(*overrides), resolve=True)
+    cfg.pop("step")
+    return cfg
+
+
+def test_every_step_file_is_in_the_chain():
+    assert set(STEP_IDS) == set(CHAIN) | {"step0"}
+
+
+@pytest.mark.parametrize("step", list(CHAIN))
+def test_step_is_its_predecessor_plus_its_row(step):
+    parent, overrides = CHAIN[step]
+    assert _recipe(f"+step={step}") == _recipe(f"+step={parent}", *overrides)
+
+
+@pytest.mark.parametrize("step", STEP_IDS)
+def test_step_is_valid_and_carries_reference_numbers(step):
+    cfg = make_cfg(f"+step={step}")
+    validate(cfg)
+    assert cfg.step.id == step and cfg.step.ref.time_s > 0 and cfg.step.ref.source
+    epochs = cfg.schedule.knots[-1]
+    assert cfg.step.ref.epochs == epochs and cfg.step.ref.batch_size == cfg.batch_size
+    assert cfg.step.ref.timing == ("train_only" if step.startswith("step8") else "with_eval")
+
+
+def test_step0_is_the_published_baseline():
+    cfg = make_cfg("+step=step0")
+    assert (cfg.arch.name, cfg.batch_size, cfg.precision.name) == ("preact18_repeat", 128, "fp16")
+    assert cfg.norm.scale_init == "uniform" and cfg.augmentation.cutout == 0
+    assert (cfg.loader.kind, cfg.loader.preprocess, cfg.loader.choices) == ("per_image", "per_image", "per_call")
+    assert cfg.loader.workers > 1 and list(cfg.schedule.knots)[-1] == 35
+    assert cfg.optim.momentum == 0.9 and cfg.optim.nesterov and cfg.optim.weight_decay == 5e-4
+
+
+def test_step8_network_is_the_published_final_net():
+    cfg = make_cfg("+step=step8")
+    built = customise(REGISTRY[cfg.arch.name], cfg.arch)
+    final = REGISTRY["resnet9_final"]
+    fields = [f.name for f in dataclasses.fields(final) if f.name not in ("name", "description", "norm", "act")]
+    assert {f: getattr(built, f) for f in fields} == {f: getattr(final, f) for f in fields}
+    assert (cfg.norm.kind, cfg.norm.splits, cfg.norm.frozen_scale) == (final.norm.kind, 16, True)
+    assert (cfg.act.kind, cfg.act.alpha) == ("celu", 0.3)
+    assert cfg.tta.flip and cfg.ema.enabled and cfg.loss.label_smoothing == 0.2 and cfg.augmentation.cutout == 0
+    assert cfg.loader.max_options == 200 and cfg.loader.drop_last
+
+
+def test_a_single_trick_switches_off_alone():
+    on, off = _recipe("+step=step8"), _recipe("+step=step8", "tta=none")
+    assert off.pop("tta") != on.pop("tta") and off == on
+
+
+@pytest.mark.parametrize("step", STEP_IDS)
+def test_every_step_runs_at_smoke_scale(step, tmp_path):
+    summary = execute(make_cfg(f"+step={step}", *SMOKE), tmp_path)
+    assert summary["status"] == "completed" and summary["epochs"] == 2
+    assert read_summary(tmp_path)["status"] == "completed"
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
