@@ -64,7 +64,7 @@ def git_commit() -> str:
 class RunRecord:
     """Writes one run's directory as the run goes; nothing finished is ever rewritten."""
 
-    def __init__(self, run_dir: Path, config: dict) -> None:
+    def __init__(self, run_dir: Path, config: dict, choices: dict | None = None) -> None:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = config
@@ -79,6 +79,7 @@ class RunRecord:
             "scale": config["scale"]["name"],
             "precision": config["precision"]["name"],
             "config_key": config_key(config),
+            "choices": dict(choices or {}),
             "torch_version": _torch_version(),
             "git_commit": git_commit(),
             "host": socket.gethostname(),

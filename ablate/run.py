@@ -14,12 +14,14 @@ from typing import Any
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ablate.config import ArchConfig, ConfigError, register_configs, validate
 from ablate.data import DataError
 from ablate.models import REGISTRY
-from ablate.records import RunRecord
+from ablate.train import Diverged
+from ablate.records import RunRecord, config_key, read_summary
 
 log = logging.getLogger("ablate")
 
@@ -62,13 +64,30 @@ def format_row(row: dict) -> str:
     return "  ".join(f.format(row[k]) for k, _, f in COLUMNS)
 
 
-def execute(cfg: DictConfig, run_dir: Path) -> dict:
-    """Validate ``cfg``, train it and keep its records in ``run_dir``; return the summary."""
-    from ablate.train import train  # torch-heavy; imported once the config is known to be valid
+def find_completed(key: str, sweep_dir: Path) -> Path | None:
+    """A run directory of ``sweep_dir`` that already completed the recipe with this config key."""
+    for path in sorted(Path(sweep_dir).glob("*/summary.json")):
+        summary = read_summary(path.parent)
+        if summary and summary.get("status") == "completed" and summary.get("config_key") == key:
+            return path.parent
+    return None
+
+
+def execute(cfg: DictConfig, run_dir: Path, choices: dict | None = None,
+            resume_in: Path | None = None) -> dict:
+    """Validate ``cfg``, train it and keep its records in ``run_dir``; return the summary.
+
+    ``choices`` are the config-group options that composed ``cfg`` (kept for the results table).
+    With ``resume_in`` (a sweep directory), a recipe that already completed there is not run again.
+    """
+    from ablate.train import train
 
     validate(cfg)
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    record = RunRecord(run_dir, resolved)
+    if resume_in is not None and (done := find_completed(config_key(resolved), resume_in)):
+        log.info("%s seed %d: already completed in %s, not run again", cfg.step.id, cfg.seed, done)
+        return dict(read_summary(done), skipped=True)
+    record = RunRecord(run_dir, resolved, choices)
     log.info("%s | arch %s | scale %s | seed %d | run dir %s", cfg.step.id, cfg.arch.name,
              cfg.scale.name, cfg.seed, run_dir)
 
@@ -101,12 +120,23 @@ register_all()
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")}
     try:
-        summary = execute(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (ConfigError, DataError) as err:
+        summary = execute(cfg, run_dir, choices, resume_in=run_dir.parent if sweeping else None)
+    except (ConfigError, DataError, Diverged) as err:
         print(f"ablate: {err}", file=sys.stderr)  # a message for the user, not a traceback
-        sys.exit(2)
+        if sweeping:
+            return None
+        sys.exit(2 if not isinstance(err, Diverged) else 1)
+    except Exception as err:  # recorded as failed by execute; a sweep goes on to its next job
+        if not sweeping:
+            raise
+        log.exception("%s seed %d failed (recorded in %s); the sweep goes on", cfg.step.id, cfg.seed, run_dir)
+        return None
     return summary["test_acc"]
 
 

@@ -1,0 +1,297 @@
+"""Turn run records into a results table, statistics, charts and a REPORT.md.
+
+``python -m ablate.report <runs dir> [--out <dir>]`` scans every ``summary.json`` below the runs
+directory (single runs and sweeps, any depth). A broken or partial record is reported and skipped,
+never fatal; failed and unfinished runs appear in the run table with their status and stay out of
+the statistics. Nothing here mixes scales or devices: they are part of every grouping key.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: reports are written on machines without a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from ablate.records import CONFIG, METRICS, SUMMARY, config_key  # noqa: E402
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUP_KEYS = ["step", "arch", "scale", "device", "recipe"]  # one aggregate row per recipe, scale, device
+
+
+def journey_order(conf_dir: Path = CONF_DIR) -> list[str]:
+    """Step ids in journey order, read from the step chain itself (each step names its parent)."""
+    parents = {}
+    for path in (conf_dir / "step").glob("*.yaml"):
+        defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults", [])
+        parent = next((d for d in defaults if isinstance(d, str) and d != "_self_"), None)
+        parents[path.stem] = parent
+    children = {p: c for c, p in parents.items()}
+    order, step = [], next(s for s, p in parents.items() if p is None)
+    while step is not None:
+        order.append(step)
+        step = children.get(step)
+    return order
+
+
+def _read_metrics(path: Path) -> tuple[list[dict], bool]:
+    """Epoch rows of a metrics.jsonl; a torn last line (a killed run) is dropped and flagged."""
+    rows, torn = [], False
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                torn = True
+    return rows, torn
+
+
+def _recipe_key(config: dict) -> str:
+    """The config key without the seed: runs that differ only by seed share a recipe."""
+    return config_key({k: v for k, v in config.items() if k != "seed"}) if config else ""
+
+
+def _to_target(metrics: list[dict], target: float) -> tuple[float, float]:
+    """Train seconds and epochs at the first epoch whose test accuracy reaches ``target``."""
+    for row in metrics:
+        if row.get("test_acc", -1) >= target:
+            return row["train_seconds"], row["epoch"]
+    return math.nan, math.nan
+
+
+def load_runs(root: Path, target: float | None = None) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], list[str]]:
+    """One row per run below ``root``, the per-epoch metrics of each run, and the problems met."""
+    rows, curves, problems = [], {}, []
+    for path in sorted(Path(root).rglob(SUMMARY)):
+        run_dir = path.parent
+        try:
+            summary = json.loads(path.read_text())
+            if not isinstance(summary, dict) or "status" not in summary:
+                raise ValueError("no status field")
+        except (OSError, ValueError) as err:
+            problems.append(f"{path}: unreadable summary ({err}); skipped")
+            continue
+        try:
+            config = yaml.safe_load((run_dir / CONFIG).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            problems.append(f"{run_dir / CONFIG}: unreadable config ({err})")
+            config = {}
+        metrics, torn = _read_metrics(run_dir / METRICS)
+        if torn:
+            problems.append(f"{run_dir / METRICS}: a torn line was dropped")
+        ref = config.get("step", {}).get("ref", {})
+        goal = target if target is not None else config.get("target_acc", 94.0)
+        seconds, epochs = _to_target(metrics, goal)
+        timing = ref.get("timing", "with_eval")
+        train_s, eval_s = summary.get("train_seconds", math.nan), summary.get("eval_seconds", math.nan)
+        row = dict(run=str(run_dir.relative_to(root)) if run_dir != Path(root) else ".",
+                   status=summary["status"], step=summary.get("step"), arch=summary.get("arch"),
+                   scale=summary.get("scale"), seed=summary.get("seed"), device=summary.get("device"),
+                   precision_used=summary.get("precision_used"), torch_version=summary.get("torch_version"),
+                   test_acc=summary.get("test_acc", math.nan), epochs=summary.get("epochs", len(metrics)),
+                   train_seconds=train_s, eval_seconds=eval_s,
+                   # the measured time in the convention of the step's published reference
+                   time_s=train_s + eval_s if timing == "with_eval" else train_s, timing=timing,
+                   target=goal, time_to_target=seconds, epochs_to_target=epochs,
+                   ref_time_s=ref.get("time_s"), ref_acc=ref.get("accuracy"),
+                   ref_note=ref.get("accuracy_note", ""), recipe=_recipe_key(config),
+                   error=summary.get("error", ""))
+        row.update({f"choice.{k}": v for k, v in (summary.get("choices") or {}).items()})
+        rows.append(row)
+        curves[row["run"]] = pd.DataFrame(metrics)
+    runs = pd.DataFrame(rows)
+    if len(runs):
+        order = {s: i for i, s in enumerate(journey_order())}
+        runs = runs.assign(_o=runs.step.map(order)).sort_values(["_o", "arch", "scale", "seed"]).drop(columns="_o")
+    return runs.reset_index(drop=True), curves, problems
+
+
+def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per recipe, scale and device: n, mean/std/95% interval of test accuracy, the share of runs
+    reaching the target, mean times, and time-to-target (with how many runs never reached it)."""
+    done = runs[runs.status == "completed"] if len(runs) else runs
+    out = []
+    for key, g in done.groupby(GROUP_KEYS, sort=False):
+        n, acc = len(g), g.test_acc.astype(float)
+        mean, std = acc.mean(), acc.std(ddof=1) if n > 1 else math.nan
+        half = stats.t.ppf(0.975, n - 1) * std / math.sqrt(n) if n > 1 else math.nan
+        reached = g.time_to_target.notna()
+        out.append(dict(zip(GROUP_KEYS, key), n=n, acc_mean=mean, acc_std=std, ci95_low=mean - half,
+                        ci95_high=mean + half, target=g.target.iloc[0], share_reaching=reached.mean(),
+                        train_s=g.train_seconds.mean(), eval_s=g.eval_seconds.mean(), time_s=g.time_s.mean(),
+                        timing=g.timing.iloc[0], time_to_target=g.time_to_target[reached].mean() if reached.any() else math.nan,
+                        never_reached=int((~reached).sum()), epochs=g.epochs.iloc[0],
+                        ref_time_s=g.ref_time_s.iloc[0], ref_acc=g.ref_acc.iloc[0],
+                        precision_used=", ".join(sorted(set(g.precision_used.dropna()))),
+                        torch_version=", ".join(sorted(set(g.torch_version.dropna())))))
+    return pd.DataFrame(out)
+
+
+def _journey_rows(agg: pd.DataFrame) -> pd.DataFrame:
+    """The aggregate rows of journey steps, in journey order, one per step (first scale/device)."""
+    order = journey_order()
+    rows = agg[agg.step.isin(order)].copy()
+    rows["_o"] = rows.step.map({s: i for i, s in enumerate(order)})
+    return rows.sort_values("_o").drop_duplicates("step").drop(columns="_o")
+
+
+def _speedups(times: Sequence[float]) -> list[float]:
+    return [math.nan] + [a / b if b else math.nan for a, b in zip(times, times[1:])]
+
+
+def plot_timeline(agg: pd.DataFrame, path: Path) -> plt.Figure:
+    """Measured and published time per step in journey order (each in its step's timing
+    convention), accuracy annotated, speed-up over the previous step; below, times normalised by
+    the first step so journeys on different hardware compare."""
+    rows = _journey_rows(agg)
+    x = np.arange(len(rows))
+    measured, ref = rows.time_s.to_numpy(float), rows.ref_time_s.to_numpy(float)
+    fig, (ax, nax) = plt.subplots(2, 1, figsize=(max(8, 0.55 * len(rows) + 3), 9), sharex=True,
+                                  gridspec_kw=dict(height_ratios=[3, 2]))
+    w = 0.4
+    ax.bar(x - w / 2, measured, w, label="measured (this machine)", color="tab:blue")
+    ax.bar(x + w / 2, ref, w, label="published (V100)", color="tab:gray")
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds (log)")
+    for xi, t, acc, n, up, rup in zip(x, measured, rows.acc_mean, rows.n, _speedups(measured), _speedups(ref)):
+        ax.annotate(f"{acc:.1f}%\nn={n}", (xi - w / 2, t), ha="center", va="bottom", fontsize=7)
+        if not math.isnan(up):
+            ax.annotate(f"×{up:.2f}\n(×{rup:.2f})", (xi, ax.get_ylim()[0]), ha="center", va="bottom",
+                        fontsize=6, color="tab:green", xytext=(0, 2), textcoords="offset points")
+    scale = ", ".join(sorted(set(rows.scale)))
+    device = ", ".join(sorted(set(rows.device)))
+    ax.set_title(f"The journey: train time per step (scale {scale}; {device}). Green: speed-up over the "
+                 f"previous step, measured (published)\nPosts 1-4 times include per-epoch evaluation, "
+                 f"Post 8 times exclude it", fontsize=9)
+    ax.legend(fontsize=8)
+    nax.plot(x, measured / measured[0], "o-", label="measured ÷ first step")
+    nax.plot(x, ref / ref[0], "s--", color="tab:gray", label="published ÷ first step")
+    nax.set_ylabel(f"time ÷ {rows.step.iloc[0]} time")
+    nax.set_xticks(x, rows.step, rotation=60, ha="right", fontsize=8)
+    nax.legend(fontsize=8)
+    nax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_architectures(agg: pd.DataFrame, path: Path) -> plt.Figure:
+    """Accuracy against train time for the networks trained at one step (the Post 4 search)."""
+    rows = agg[agg.step == "step4_6"] if (agg.step == "step4_6").sum() > 1 else agg
+    fig, ax = plt.subplots(figsize=(9, 6))
+    ax.errorbar(rows.train_s, rows.acc_mean, yerr=rows.acc_std.fillna(0), fmt="o", capsize=3)
+    for _, r in rows.iterrows():
+        ax.annotate(r.arch, (r.train_s, r.acc_mean), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("train seconds")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Architectures at {', '.join(sorted(set(rows.step)))} (scale "
+                 f"{', '.join(sorted(set(rows.scale)))}; {', '.join(sorted(set(rows.device)))}; "
+                 f"n = {int(rows.n.min())}–{int(rows.n.max())} per network)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_curves(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], path: Path) -> plt.Figure:
+    """Per-epoch test accuracy, one line per run, coloured by step."""
+    fig, ax = plt.subplots(figsize=(9, 6))
+    steps = list(dict.fromkeys(runs.step))
+    colours = dict(zip(steps, plt.cm.viridis(np.linspace(0, 0.9, max(len(steps), 1)))))
+    labelled = set()
+    for _, r in runs.iterrows():
+        c = curves.get(r.run)
+        if c is None or c.empty:
+            continue
+        label = f"{r.step} ({r.arch})" if r.step not in labelled else None
+        labelled.add(r.step)
+        ax.plot(c.epoch, c.test_acc, color=colours[r.step], alpha=0.8, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Test accuracy per epoch", fontsize=9)
+    ax.grid(alpha=0.3)
+    if labelled:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig
+
+
+def _markdown(df: pd.DataFrame, columns: list[str]) -> str:
+    return df[[c for c in columns if c in df]].to_markdown(index=False, floatfmt=".2f")
+
+
+def write_report(root: Path, out: Path, target: float | None = None) -> dict[str, Path]:
+    """Write runs.csv/.parquet, aggregate.csv/.parquet, the charts and REPORT.md into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    runs, curves, problems = load_runs(root, target)
+    for p in problems:
+        print(f"warning: {p}", file=sys.stderr)
+    if runs.empty:
+        raise SystemExit(f"ablate.report: no run records (summary.json) found under {root}")
+    agg = aggregate(runs)
+    files = {}
+    for name, df in (("runs", runs), ("aggregate", agg)):
+        df.to_csv(out / f"{name}.csv", index=False)
+        df.to_parquet(out / f"{name}.parquet", index=False)
+        files[name] = out / f"{name}.csv"
+    charts = []
+    if len(_journey_rows(agg)) >= 2:  # a timeline needs at least two steps
+        plt.close(plot_timeline(agg, out / "timeline.png"))
+        charts.append(("Timeline", "timeline.png"))
+    if agg.arch.nunique() > 1:
+        plt.close(plot_architectures(agg, out / "architectures.png"))
+        charts.append(("Architectures", "architectures.png"))
+    plt.close(plot_curves(runs, curves, out / "curves.png"))
+    charts.append(("Per-epoch test accuracy", "curves.png"))
+    files.update({c: out / c for _, c in charts})
+
+    counts = runs.status.value_counts().to_dict()
+    lines = [f"# ablate report: {root}", "",
+             f"{len(runs)} runs ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
+             f"scales: {', '.join(sorted(set(runs.scale.dropna())))}; devices: {', '.join(sorted(set(runs.device.dropna())))}; "
+             f"torch {', '.join(sorted(set(runs.torch_version.dropna())))}.", "",
+             "Every number below comes from the runs listed at the end, at the scale and on the device "
+             "named in its row. Accuracies are percent; `time_s` follows the published convention of "
+             "each step (Posts 1-4 with per-epoch evaluation, Post 8 without); published references "
+             "are single-V100 numbers at full scale.", "", "## Aggregates", "",
+             _markdown(agg, ["step", "arch", "scale", "device", "n", "acc_mean", "acc_std", "ci95_low",
+                             "ci95_high", "share_reaching", "time_s", "train_s", "eval_s", "time_to_target",
+                             "never_reached", "ref_time_s", "ref_acc", "precision_used"]), ""]
+    for title, name in charts:
+        lines += [f"## {title}", "", f"![{title}]({name})", ""]
+    lines += ["## Runs", "", _markdown(runs, ["run", "status", "step", "arch", "scale", "seed", "device",
+                                             "test_acc", "train_seconds", "eval_seconds", "epochs",
+                                             "time_to_target", "error"]), ""]
+    if problems:
+        lines += ["## Records skipped or repaired", ""] + [f"* {p}" for p in problems] + [""]
+    (out / "REPORT.md").write_text("\n".join(lines))
+    files["report"] = out / "REPORT.md"
+    return files
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ablate.report", description=__doc__.split("\n")[0])
+    parser.add_argument("runs", type=Path, help="a directory of run records (searched at any depth)")
+    parser.add_argument("--out", type=Path, help="where to write the report (default: <runs>/report)")
+    parser.add_argument("--target", type=float, help="accuracy target in percent (default: each run's)")
+    args = parser.parse_args(argv)
+    if not args.runs.is_dir():
+        parser.error(f"{args.runs} is not a directory")
+    files = write_report(args.runs, args.out or args.runs / "report", args.target)
+    for name, path in files.items():
+        print(f"{name:>14}: {path}")
+
+
+if __name__ == "__main__":
+    main()
