@@ -97,6 +97,7 @@ class ScheduleConfig:
 
     knots: list[float] = field(default_factory=lambda: [0.0, 5.0, 24.0])
     lr: list[float] = field(default_factory=lambda: [0.0, 0.4, 0.0])
+    peak: Optional[float] = None  # rescale ``lr`` so that its maximum is this (Post 5's max LR, lambda)
 
 
 @dataclass
@@ -248,6 +249,8 @@ def validate(cfg: Any) -> None:
         e.append(f"schedule.knots={knots} must start at 0, never decrease and end after 0")
     if any(v < 0 for v in lrs):
         e.append(f"schedule.lr={lrs} has a negative learning rate")
+    if cfg.schedule.peak is not None and (cfg.schedule.peak < 0 or not any(v > 0 for v in lrs)):
+        e.append(f"schedule.peak={cfg.schedule.peak} needs to be >= 0 and a schedule with a positive LR")
     _positive(e, "optim.momentum", cfg.optim.momentum, allow_zero=True)
     _positive(e, "optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
     _positive(e, "optim.bias_lr_mult", cfg.optim.bias_lr_mult, allow_zero=True)

@@ -30,6 +30,12 @@ def schedule_knots(schedule: ScheduleConfig, max_epochs: float | None) -> list[f
     return knots
 
 
+def schedule_lrs(schedule: ScheduleConfig) -> list[float]:
+    """The schedule's LR values, rescaled to ``schedule.peak`` when one is given."""
+    lrs = [float(v) for v in schedule.lr]
+    return lrs if schedule.peak is None else [v * schedule.peak / max(lrs) for v in lrs]
+
+
 def to_torch_units(lr: float, weight_decay: float, batch_size: int) -> tuple[float, float]:
     """Blog units (per-batch LR, mean-loss WD) -> per-example LR and WD for a summed loss."""
     return lr / batch_size, weight_decay * batch_size

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ablate import augment, data
 from ablate.layers import Whitening, make_act, make_norm
 from ablate.models import REGISTRY, build_model, count_macs, count_params, customise
-from ablate.optim import make_optimizer, piecewise_linear, schedule_knots, set_lr
+from ablate.optim import make_optimizer, piecewise_linear, schedule_knots, schedule_lrs, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
     ema = EMA(model, cfg.ema.momentum, cfg.ema.every) if cfg.ema.enabled else None
     criterion = loss_fn(cfg.loss.label_smoothing)
     knots = schedule_knots(cfg.schedule, cfg.scale.epochs)
-    lr_at = piecewise_linear(knots, cfg.schedule.lr)
+    lr_at = piecewise_linear(knots, schedule_lrs(cfg.schedule))
     n_steps = steps_per_epoch(len(images.train_y), cfg.batch_size, cfg.loader.drop_last)
     train_seconds, eval_seconds, results = prep_seconds, 0.0, {}
     for epoch in range(math.ceil(knots[-1])):

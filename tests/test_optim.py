@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from ablate.config import OptimConfig, ScheduleConfig
-from ablate.optim import (make_optimizer, param_groups, piecewise_linear, schedule_knots, set_lr,
-                          to_torch_units)
+from ablate.optim import (make_optimizer, param_groups, piecewise_linear, schedule_knots, schedule_lrs,
+                          set_lr, to_torch_units)
 
 
 @pytest.mark.parametrize("knots, values", [
@@ -61,3 +61,10 @@ def test_sgd_step_equals_mean_loss_update():
     opt.step()
     assert torch.allclose(model.weight, w0 - 0.4 * (mean_grad + 5e-4 * w0), atol=1e-6)
     assert len(param_groups(model, OptimConfig())) == 1
+
+
+def test_peak_rescales_the_schedule():
+    s = ScheduleConfig(knots=[0, 2, 8, 10], lr=[0, 1.0, 0.1, 0.1])
+    assert schedule_lrs(s) == [0, 1.0, 0.1, 0.1]
+    s.peak = 0.5
+    assert schedule_lrs(s) == pytest.approx([0, 0.5, 0.05, 0.05])
