@@ -61,11 +61,20 @@ def git_commit() -> str:
         return "unknown"
 
 
+class RecordExists(RuntimeError):
+    """The run directory already holds a completed run of another recipe."""
+
+
 class RunRecord:
     """Writes one run's directory as the run goes; nothing finished is ever rewritten."""
 
     def __init__(self, run_dir: Path, config: dict, choices: dict | None = None) -> None:
         self.dir = Path(run_dir)
+        previous = read_summary(self.dir)
+        if previous and previous.get("status") == "completed":
+            raise RecordExists(f"{self.dir} already holds a completed run (step {previous.get('step')}, "
+                               f"seed {previous.get('seed')}); it is kept. Choose another directory "
+                               "(hydra.run.dir=... or hydra.sweep.dir=...).")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = config
         self.started = time.time()

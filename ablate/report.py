@@ -24,6 +24,7 @@ import yaml  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from ablate.records import CONFIG, METRICS, SUMMARY, config_key  # noqa: E402
+from ablate.studies import study_charts  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUP_KEYS = ["step", "arch", "scale", "device", "recipe"]  # one aggregate row per recipe, scale, device
@@ -69,6 +70,13 @@ def _to_target(metrics: list[dict], target: float) -> tuple[float, float]:
     return math.nan, math.nan
 
 
+def _lr_peak(schedule: dict) -> float:
+    """The max LR λ a run used: ``schedule.peak`` when set, else the schedule's largest value."""
+    if schedule.get("peak") is not None:
+        return schedule["peak"]
+    return max(schedule.get("lr") or [math.nan])
+
+
 def load_runs(root: Path, target: float | None = None) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], list[str]]:
     """One row per run below ``root``, the per-epoch metrics of each run, and the problems met."""
     rows, curves, problems = [], {}, []
@@ -105,7 +113,12 @@ def load_runs(root: Path, target: float | None = None) -> tuple[pd.DataFrame, di
                    target=goal, time_to_target=seconds, epochs_to_target=epochs,
                    ref_time_s=ref.get("time_s"), ref_acc=ref.get("accuracy"),
                    ref_note=ref.get("accuracy_note", ""), recipe=_recipe_key(config),
-                   error=summary.get("error", ""))
+                   error=summary.get("error", ""),
+                   # the Post 5 hyperparameters as run (studies sweep them as values, not choices)
+                   lr_peak=_lr_peak(config.get("schedule", {})),
+                   momentum=config.get("optim", {}).get("momentum", math.nan),
+                   weight_decay=config.get("optim", {}).get("weight_decay", math.nan),
+                   batch_size=config.get("batch_size", math.nan))
         row.update({f"choice.{k}": v for k, v in (summary.get("choices") or {}).items()})
         rows.append(row)
         curves[row["run"]] = pd.DataFrame(metrics)
@@ -252,6 +265,7 @@ def write_report(root: Path, out: Path, target: float | None = None) -> dict[str
     if agg.arch.nunique() > 1:
         plt.close(plot_architectures(agg, out / "architectures.png"))
         charts.append(("Architectures", "architectures.png"))
+    charts += study_charts(runs, out)  # Post 5 studies: descent path, heat maps (when the runs fit)
     plt.close(plot_curves(runs, curves, out / "curves.png"))
     charts.append(("Per-epoch test accuracy", "curves.png"))
     files.update({c: out / c for _, c in charts})

@@ -20,8 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from ablate.config import ArchConfig, ConfigError, register_configs, validate
 from ablate.data import DataError
 from ablate.models import REGISTRY
+from ablate.studies import register_sweeper
 from ablate.train import Diverged
-from ablate.records import RunRecord, config_key, read_summary
+from ablate.records import RecordExists, RunRecord, config_key, read_summary
 
 log = logging.getLogger("ablate")
 
@@ -49,8 +50,10 @@ def quote_numeric_choices(overrides: list[str]) -> list[str]:
 
 
 def register_all() -> None:
-    """The schema, plus one ``arch`` option per registered network (the registry is the source)."""
+    """The schema, one ``arch`` option per registered network (the registry is the source), and the
+    Post 5 coordinate-descent sweeper (``hydra/sweeper=coordinate_descent``)."""
     register_configs()
+    register_sweeper()
     store = ConfigStore.instance()
     for name in REGISTRY:
         store.store(group="arch", name=name, node=ArchConfig(name=name))
@@ -127,11 +130,11 @@ def main(cfg: DictConfig) -> float | None:
     choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")}
     try:
         summary = execute(cfg, run_dir, choices, resume_in=run_dir.parent if sweeping else None)
-    except (ConfigError, DataError, Diverged) as err:
+    except (ConfigError, DataError, RecordExists, Diverged) as err:
         print(f"ablate: {err}", file=sys.stderr)  # a message for the user, not a traceback
         if sweeping:
             return None
-        sys.exit(2 if not isinstance(err, Diverged) else 1)
+        sys.exit(1 if isinstance(err, Diverged) else 2)
     except Exception as err:  # recorded as failed by execute; a sweep goes on to its next job
         if not sweeping:
             raise

@@ -1,6 +1,8 @@
 import json
 
-from ablate.records import RunRecord, config_key, read_summary, write_atomic
+import pytest
+
+from ablate.records import RecordExists, RunRecord, config_key, read_summary, write_atomic
 
 
 def _config(seed=0):
@@ -35,3 +37,14 @@ def test_write_atomic_leaves_no_temporary_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
     assert read_summary(tmp_path / "nowhere") is None
+
+
+def test_a_completed_record_is_never_overwritten(tmp_path):
+    RunRecord(tmp_path, _config()).finish("completed", test_acc=60.0)
+    with pytest.raises(RecordExists, match="already holds a completed run"):
+        RunRecord(tmp_path, _config(seed=1))
+    assert read_summary(tmp_path)["test_acc"] == 60.0 and read_summary(tmp_path)["seed"] == 0
+    failed = tmp_path / "failed"
+    RunRecord(failed, _config()).finish("failed", error="x")
+    RunRecord(failed, _config())  # an unfinished or failed run may be run again in place
+    assert read_summary(failed)["status"] == "running"

@@ -73,3 +73,22 @@ def test_steps_per_epoch_keeps_or_drops_the_last_batch():
     assert steps_per_epoch(50_000, 512, drop_last=True) == 97
     assert steps_per_epoch(50_000, 512, drop_last=False) == 98
     assert steps_per_epoch(50_000, 128, drop_last=False) == 391 == math.ceil(50_000 / 128)
+
+
+def test_bf16_autocast_and_channels_last_run(tmp_path):
+    from ablate.run import execute
+    from tests.conftest import SMOKE
+
+    summary = execute(make_cfg("+step=step8", *SMOKE, "precision=bf16", "precision.channels_last=true"), tmp_path)
+    assert summary["status"] == "completed" and summary["precision_used"] == "bf16"
+    assert math.isfinite(summary["test_loss"])
+
+
+@pytest.mark.slow
+def test_compile_time_is_reported_and_kept_out_of_train_time(tmp_path):
+    from ablate.run import execute
+    from tests.conftest import SMOKE
+
+    summary = execute(make_cfg("+step=step4", *SMOKE, "compile=true"), tmp_path)
+    assert summary["status"] == "completed" and summary["compile_seconds"] > 0
+    assert summary["train_seconds"] < summary["wall_seconds"] - summary["compile_seconds"]
