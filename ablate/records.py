@@ -41,10 +41,34 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def with_current_defaults(config: dict) -> dict:
+    """``config`` completed with the current schema's defaults, so that a record written before a
+    field was added compares equal to a new run that leaves the field at its default. A config the
+    schema cannot take (from a newer ablate, say) is returned as it is."""
+    from omegaconf import OmegaConf
+
+    from ablate.config import Config
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), config)
+        return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
+    except Exception:  # any schema mismatch: compare the record as written
+        return config
+
+
 def config_key(config: dict) -> str:
     """A short hash of what a run computes: equal keys mean the same recipe, scale and seed."""
-    kept = {k: v for k, v in config.items() if k not in _NOT_IN_KEY}
+    kept = {k: v for k, v in with_current_defaults(config).items() if k not in _NOT_IN_KEY}
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_config(run_dir: Path) -> dict | None:
+    """The resolved config a run recorded, or None when it is missing or unreadable."""
+    try:
+        config = yaml.safe_load((Path(run_dir) / CONFIG).read_text())
+        return config if isinstance(config, dict) else None
+    except (OSError, yaml.YAMLError):
+        return None
 
 
 @functools.lru_cache(maxsize=1)

@@ -59,7 +59,7 @@ def _read_metrics(path: Path) -> tuple[list[dict], bool]:
 
 def _recipe_key(config: dict) -> str:
     """The config key without the seed: runs that differ only by seed share a recipe."""
-    return config_key({k: v for k, v in config.items() if k != "seed"}) if config else ""
+    return config_key(dict(config, seed=0)) if config else ""  # every seed keyed alike
 
 
 def _to_target(metrics: list[dict], target: float) -> tuple[float, float]:
@@ -265,7 +265,7 @@ def write_report(root: Path, out: Path, target: float | None = None) -> dict[str
     if agg.arch.nunique() > 1:
         plt.close(plot_architectures(agg, out / "architectures.png"))
         charts.append(("Architectures", "architectures.png"))
-    charts += study_charts(runs, out)  # Post 5 studies: descent path, heat maps (when the runs fit)
+    charts += study_charts(runs, out, curves)  # Post 5/7 studies: descent path, heat maps, BN stress test
     plt.close(plot_curves(runs, curves, out / "curves.png"))
     charts.append(("Per-epoch test accuracy", "curves.png"))
     files.update({c: out / c for _, c in charts})

@@ -22,7 +22,7 @@ from ablate.data import DataError
 from ablate.models import REGISTRY
 from ablate.studies import register_sweeper
 from ablate.train import Diverged
-from ablate.records import RecordExists, RunRecord, config_key, read_summary
+from ablate.records import RecordExists, RunRecord, config_key, read_config, read_summary
 
 log = logging.getLogger("ablate")
 
@@ -70,8 +70,9 @@ def format_row(row: dict) -> str:
 def find_completed(key: str, sweep_dir: Path) -> Path | None:
     """A run directory of ``sweep_dir`` that already completed the recipe with this config key."""
     for path in sorted(Path(sweep_dir).glob("*/summary.json")):
-        summary = read_summary(path.parent)
-        if summary and summary.get("status") == "completed" and summary.get("config_key") == key:
+        summary, config = read_summary(path.parent), read_config(path.parent)
+        # The key is recomputed from the recorded config: records older than a schema field match.
+        if summary and summary.get("status") == "completed" and config and config_key(config) == key:
             return path.parent
     return None
 

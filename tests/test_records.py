@@ -48,3 +48,16 @@ def test_a_completed_record_is_never_overwritten(tmp_path):
     RunRecord(failed, _config()).finish("failed", error="x")
     RunRecord(failed, _config())  # an unfinished or failed run may be run again in place
     assert read_summary(failed)["status"] == "running"
+
+
+def test_config_key_fills_fields_added_to_the_schema_later():
+    from omegaconf import OmegaConf
+
+    from ablate.config import Config
+
+    full = OmegaConf.to_container(OmegaConf.structured(Config))
+    older = OmegaConf.to_container(OmegaConf.structured(Config))
+    del older["norm"]["frozen_scale"]  # a record written before this field existed
+    assert config_key(older) == config_key(full)
+    older["seed"] = 7
+    assert config_key(older) != config_key(full)
