@@ -53,6 +53,7 @@ class NormConfig:
     splits: int = 1  # ghost BN: the batch is normalised in this many splits
     scale_init: str = "one"  # 'uniform' = PyTorch 0.4's U[0,1] default for BN scales (E11)
     frozen_scale: bool = False  # BN scales fixed at 1 and not trained (step 8_6)
+    frozen_bias: bool = False  # BN biases fixed at 0 and not trained (Post 7: affine frozen, with frozen_scale)
     momentum: float = 0.1  # PyTorch convention: weight of the new batch statistic
     eps: float = 1e-5
 

@@ -113,6 +113,9 @@ def _build_norm(cfg: NormConfig, num_features: int) -> nn.Module:
         else:
             _lookup(SCALE_INITS, cfg.scale_init, "norm.scale_init")(weight)
         layer.bias.zero_()
+        if cfg.frozen_bias:
+            # Post 7's BN with a frozen affine map: beta is the constant 0, likewise left out of training.
+            layer.bias.requires_grad_(False)
     return layer
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -69,6 +70,7 @@ class NetSpec:
     pool_before_norm: bool = False  # conv -> pool -> norm -> act in pooling conv_bn blocks (A3 8.2b)
     whiten_eps: float = 1e-2
     preact_shortcut: str = "activated"  # identity shortcut adds act(norm(x)) ('activated') or x ('input'), E6
+    input_scale: float = 1.0  # the input is multiplied by this first (Post 7 simple net: 1/sqrt(2)); 1: no layer
     norm: NormConfig = field(default_factory=NormConfig)
     act: ActConfig = field(default_factory=ActConfig)
     description: str = ""
@@ -135,7 +137,7 @@ HEAD_POOLS: dict[str, type[nn.Module]] = {"max": GlobalMaxPool, "max_avg": Globa
 
 
 class Mul(nn.Module):
-    """Multiply by a constant: the logit scale (0.125 in Post 4, 1/16 in Post 8)."""
+    """Multiply by a constant: the logit scale (0.125 in Post 4, 1/16 in Post 8) or the input scale (Post 7)."""
 
     def __init__(self, scale: float) -> None:
         super().__init__()
@@ -239,6 +241,8 @@ def build_model(spec: NetSpec, norm_layer: NormLayer, act_layer: ActLayer, width
         raise ValueError(f"width_mult must be > 0, got {width_mult}")
     ctx = _Ctx(spec, norm_layer, act_layer)
     layers: OrderedDict[str, nn.Module] = OrderedDict()
+    if spec.input_scale != 1:
+        layers["input_scale"] = Mul(spec.input_scale)
     channels = 3
     for name, block in spec.blocks:
         c_out = _scaled(block.out, width_mult) if block.out else channels
@@ -407,6 +411,18 @@ def _family() -> list[NetSpec]:
     return nets
 
 
+def _simple() -> NetSpec:
+    """Post 7's 8-layer "simple" net (journey-facts C, batch_norm_post.ipynb): input x 1/sqrt(2); prep
+    conv_bn 3 -> 64; L1 64 -> 128, L2 128 -> 256, L3 256 -> 512, each conv_bn + 2x2 max-pool + one extra
+    conv_bn; global max-pool (MaxPool 4 on the 4x4 map); classifier 512 -> 10 without bias (the post's
+    1x1 conv on a 1x1 map is this Linear); logits x 0.125/sqrt(6). Published with BN whose affine map is
+    frozen (gamma = 1, beta = 0), so its trainable parameters are the convs and the classifier only."""
+    return NetSpec("simple", _layers(B3_WIDTHS, extra=B3_LAYERS), head="max", fc_bias=False,
+                   logit_scale=0.125 / math.sqrt(6), input_scale=1 / math.sqrt(2),
+                   norm=NormConfig(frozen_scale=True, frozen_bias=True),
+                   description="Post 7 / batch-norm study 'simple' net, BN affine frozen")
+
+
 def _registry() -> dict[str, NetSpec]:
     nets = [
         _preact18("preact18_repeat", True, "step 0 / B1 pre-act ResNet-18, repeated BN-ReLU"),
@@ -419,6 +435,7 @@ def _registry() -> dict[str, NetSpec]:
         _shortest_path("shortest_path_wide", "step 4_5 / widths to 512, global max-pool",
                        widths=B3_WIDTHS, head="max"),
         *_family(),
+        _simple(),
     ]
     registry = {spec.name: spec for spec in nets}
     resnet9 = dataclasses.replace(registry["residual_l1l3"], name="resnet9",

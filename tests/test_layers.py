@@ -132,6 +132,18 @@ def test_frozen_scale_is_one_and_not_trainable() -> None:
     assert bn.weight.grad is None and bn.bias.grad is not None
 
 
+def test_frozen_affine_is_identity_map_and_not_trainable() -> None:
+    """Post 7: frozen_scale + frozen_bias = gamma 1, beta 0, nothing trainable; still normalises."""
+    bn = make_norm(NormConfig(frozen_scale=True, frozen_bias=True))(C)
+    assert torch.equal(bn.weight, torch.ones(C)) and torch.equal(bn.bias, torch.zeros(C))
+    assert not any(p.requires_grad for p in bn.parameters())
+    x = _batch().requires_grad_(True)
+    y = bn(x)
+    assert torch.allclose(y.mean(dim=(0, 2, 3)), torch.zeros(C), atol=1e-5)
+    y.sum().backward()
+    assert bn.weight.grad is None and bn.bias.grad is None
+
+
 def test_make_act() -> None:
     assert isinstance(make_act(ActConfig(kind="relu"))(), nn.ReLU)
     celu = make_act(ActConfig(kind="celu", alpha=0.3))()

@@ -35,6 +35,11 @@ B3 = {
 }
 # Other published counts (B1, B4) and approximate MACs (within 1%).
 PARAMS = {"preact18": 5_205_834, "preact18_repeat": 5_205_962, "resnet9_final": 6_570_880}
+# Post 7 "simple" net, worked by hand: convs 3*64*9 + 64*128*9 + 128*128*9 + 128*256*9 + 256*256*9
+# + 256*512*9 + 512*512*9 = 1,728 + 73,728 + 147,456 + 294,912 + 589,824 + 1,179,648 + 2,359,296
+# = 4,646,592, classifier 512*10 = 5,120 (no bias), BN 0 (affine frozen): 4,651,712. That is
+# extra_l1l2l3's 4,655,424 minus its 2 * (64 + 2*128 + 2*256 + 2*512) = 3,712 BN parameters.
+SIMPLE_PARAMS = 4_651_712
 APPROX_MACS = {"preact18": 460e6, "preact18_repeat": 460e6, "resnet9_final": 380e6}
 
 BATCH_NORM = make_norm(NormConfig())
@@ -53,7 +58,7 @@ def test_registry_names() -> None:
     assert len(family) == 15
     expected = {*family, "preact18_repeat", "preact18", "shortest_path_repeat", "shortest_path",
                 "shortest_path_3x3", "shortest_path_pool", "shortest_path_wide", "resnet9", "backbone_2x",
-                "resnet9_final"}
+                "resnet9_final", "simple"}
     assert set(REGISTRY) == expected
     assert all(name == spec.name for name, spec in REGISTRY.items())
 
@@ -79,6 +84,32 @@ def test_resnet9_final_counts_the_whitening_conv_but_not_its_weights() -> None:
     assert macs == _published_counts("resnet9")[1] + 32 * 32 * 27 * 27 == 379_261_952 + 746_496
     model = build_published("resnet9_final")
     assert sum(b.numel() for n, b in model.named_buffers() if n.endswith("whiten.weight")) == 729
+
+
+def test_simple_net_of_post_7() -> None:
+    model = build_published("simple")
+    assert count_params(model) == SIMPLE_PARAMS == _published_counts("extra_l1l2l3")[0] - 2 * 1_856
+    assert count_macs(model) == _published_counts("extra_l1l2l3")[1]  # the Mul layers cost no MACs
+    assert [name for name, _ in model.named_children()] == \
+        ["input_scale", "prep", "layer1", "layer1_extra", "layer2", "layer2_extra", "layer3", "layer3_extra",
+         "head"]
+    assert model.input_scale.scale == pytest.approx(2 ** -0.5)
+    assert model.head.scale.scale == pytest.approx(0.125 / 6 ** 0.5)
+    assert model.head.linear.bias is None
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 7 and all(not b.weight.requires_grad and not b.bias.requires_grad for b in bns)
+    assert all(b.weight.eq(1).all() and b.bias.eq(0).all() for b in bns)
+    x = torch.randn(2, 3, 32, 32)  # the input scale is the first thing applied
+    model.eval()
+    scaled = dataclasses.replace(REGISTRY["simple"], input_scale=1.0)
+    plain = build_model(scaled, make_norm(scaled.norm), RELU)
+    plain.load_state_dict(model.state_dict())
+    plain.eval()
+    assert torch.allclose(model(x), plain(x * 2 ** -0.5), atol=1e-6)
+    # the simple net without BN (the stress test's other arm) trains only its convs and classifier too
+    assert count_params(build_model(REGISTRY["simple"], make_norm(NormConfig(kind="none")), RELU)) == SIMPLE_PARAMS
+    # input_scale 1 adds no layer (every other network)
+    assert all("input_scale" not in dict(build_published(n, 1 / 8).named_children()) for n in ("resnet9", "backbone"))
 
 
 def _forward_backward(model: nn.Module, batch: int) -> None:
