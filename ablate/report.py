@@ -176,20 +176,21 @@ def plot_timeline(agg: pd.DataFrame, path: Path) -> plt.Figure:
     ax.bar(x + w / 2, ref, w, label="published (V100)", color="tab:gray")
     ax.set_yscale("log")
     ax.set_ylabel("seconds (log)")
-    for xi, t, acc, n, up, rup in zip(x, measured, rows.acc_mean, rows.n, _speedups(measured), _speedups(ref)):
+    for xi, t, acc, n in zip(x, measured, rows.acc_mean, rows.n):
         ax.annotate(f"{acc:.1f}%\nn={n}", (xi - w / 2, t), ha="center", va="bottom", fontsize=7)
-        if not math.isnan(up):
-            ax.annotate(f"×{up:.2f}\n(×{rup:.2f})", (xi, ax.get_ylim()[0]), ha="center", va="bottom",
-                        fontsize=6, color="tab:green", xytext=(0, 2), textcoords="offset points")
     scale = ", ".join(sorted(set(rows.scale)))
     device = ", ".join(sorted(set(rows.device)))
-    ax.set_title(f"The journey: train time per step (scale {scale}; {device}). Green: speed-up over the "
-                 f"previous step, measured (published)\nPosts 1-4 times include per-epoch evaluation, "
-                 f"Post 8 times exclude it", fontsize=9)
+    ax.set_title(f"The journey: train time per step (scale {scale}; {device})\nPosts 1-4 times include "
+                 f"per-epoch evaluation, Post 8 times exclude it", fontsize=9)
     ax.legend(fontsize=8)
     nax.plot(x, measured / measured[0], "o-", label="measured ÷ first step")
     nax.plot(x, ref / ref[0], "s--", color="tab:gray", label="published ÷ first step")
+    for xi, t, up, rup in zip(x, measured / measured[0], _speedups(measured), _speedups(ref)):
+        if not math.isnan(up):
+            nax.annotate(f"×{up:.2f}\n(×{rup:.2f})", (xi, t), ha="center", va="bottom", fontsize=7,
+                         color="tab:green", xytext=(0, 6), textcoords="offset points")
     nax.set_ylabel(f"time ÷ {rows.step.iloc[0]} time")
+    nax.set_title("Normalised; green: speed-up over the previous step, measured (published)", fontsize=9)
     nax.set_xticks(x, rows.step, rotation=60, ha="right", fontsize=8)
     nax.legend(fontsize=8)
     nax.grid(alpha=0.3)
