@@ -152,3 +152,16 @@ def test_notebook_runs_against_a_small_results_table(tmp_path, monkeypatch):
     nbclient.NotebookClient(notebook, timeout=180, resources={"metadata": {"path": str(tmp_path)}}).execute()
     images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 2 and (tmp_path / "timeline.png").is_file()
+
+
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
+    """Job 0 cannot find its data (recorded as failed, with the error); job 1 still runs."""
+    sweep = tmp_path / "sweep"
+    out = subprocess.run([sys.executable, "-m", "ablate.run", "-m", "+step=step4", "scale=smoke", "progress=false",
+                          "data=default,synthetic", f"data.root={tmp_path / 'missing'}", "data.download=false",
+                          f"hydra.sweep.dir={sweep}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summaries = sorted((json.loads(p.read_text()) for p in sweep.glob("*/summary.json")),
+                       key=lambda s: s["choices"]["data"])
+    assert [s["status"] for s in summaries] == ["failed", "completed"]
+    assert "DataError" in summaries[0]["error"] and "missing" in summaries[0]["error"]
