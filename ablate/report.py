@@ -23,7 +23,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from ablate.records import CONFIG, METRICS, SUMMARY, config_key  # noqa: E402
+from ablate.records import CONFIG, METRICS, SUMMARY, config_key, read_config  # noqa: E402
 from ablate.studies import study_charts  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -89,10 +89,9 @@ def load_runs(root: Path, target: float | None = None) -> tuple[pd.DataFrame, di
         except (OSError, ValueError) as err:
             problems.append(f"{path}: unreadable summary ({err}); skipped")
             continue
-        try:
-            config = yaml.safe_load((run_dir / CONFIG).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            problems.append(f"{run_dir / CONFIG}: unreadable config ({err})")
+        config = read_config(run_dir)
+        if config is None:
+            problems.append(f"{run_dir / CONFIG}: missing or unreadable config")
             config = {}
         metrics, torn = _read_metrics(run_dir / METRICS)
         if torn:

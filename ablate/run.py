@@ -20,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from ablate.config import ArchConfig, ConfigError, register_configs, validate
 from ablate.data import DataError
 from ablate.models import REGISTRY
-from ablate.studies import register_sweeper
-from ablate.train import Diverged
 from ablate.records import RecordExists, RunRecord, config_key, read_config, read_summary
+from ablate.studies import register_sweeper
+from ablate.train import Diverged, train
 
 log = logging.getLogger("ablate")
 
@@ -84,8 +84,6 @@ def execute(cfg: DictConfig, run_dir: Path, choices: dict | None = None,
     ``choices`` are the config-group options that composed ``cfg`` (kept for the results table).
     With ``resume_in`` (a sweep directory), a recipe that already completed there is not run again.
     """
-    from ablate.train import train
-
     validate(cfg)
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     if resume_in is not None and (done := find_completed(config_key(resolved), resume_in)):
@@ -136,7 +134,7 @@ def main(cfg: DictConfig) -> float | None:
         if sweeping:
             return None
         sys.exit(1 if isinstance(err, Diverged) else 2)
-    except Exception as err:  # recorded as failed by execute; a sweep goes on to its next job
+    except Exception:  # recorded as failed by execute; a sweep goes on to its next job
         if not sweeping:
             raise
         log.exception("%s seed %d failed (recorded in %s); the sweep goes on", cfg.step.id, cfg.seed, run_dir)
