@@ -19,7 +19,8 @@ from hydra.core.config_store import ConfigStore
 PRECISIONS = ("fp32", "fp16", "fp16_bn32", "bf16")
 NORM_KINDS = ("batch", "ghost", "none")
 SCALE_INITS = ("one", "uniform")
-ACT_KINDS = ("relu", "celu")
+ACT_KINDS = ("relu", "celu", "softplus", "shifted_relu")
+INITS = ("default", "he")
 LOADER_KINDS = ("per_image", "device")
 PREPROCESS = ("per_image", "once")
 CHOICES = ("per_call", "bulk")
@@ -45,6 +46,9 @@ class ArchConfig:
     whiten_eps: float = 1e-2
     # E6: Page's DAWN_net adds ReLU(BN(x)) on the identity path ('activated'); bkj adds x ('input').
     preact_shortcut: str = "activated"
+    # 'default': PyTorch's own initialisation; 'he': every conv/linear weight N(0, 2/fan_in), the
+    # initialisation under which Post 7's shifted ReLU ('frozen BN') keeps activations standardised.
+    init: str = "default"
 
 
 @dataclass
@@ -60,8 +64,12 @@ class NormConfig:
 
 @dataclass
 class ActConfig:
-    kind: str = "relu"  # 'relu' | 'celu'
+    # 'relu' | 'celu' | 'softplus' | 'shifted_relu' ((ReLU(x) - sqrt(1/pi)) / sqrt(1 - 1/pi), Post 7's
+    # "frozen BN": zero mean, unit variance for an N(0, 2) input, which He initialisation produces)
+    kind: str = "relu"
     alpha: float = 1.0  # CELU alpha
+    beta: float = 10.0  # softplus: log(1 + exp(beta x)) / beta (Post 7: beta 10, a smooth ReLU) ...
+    threshold: float = 2.5  # ... linear where beta x > threshold (Post 7: 2.5)
 
 
 @dataclass
@@ -99,6 +107,7 @@ class ScheduleConfig:
     knots: list[float] = field(default_factory=lambda: [0.0, 5.0, 24.0])
     lr: list[float] = field(default_factory=lambda: [0.0, 0.4, 0.0])
     peak: Optional[float] = None  # rescale ``lr`` so that its maximum is this (Post 5's max LR, lambda)
+    stop: Optional[float] = None  # end training at this epoch, part-way through the schedule (Post 7)
 
 
 @dataclass
@@ -108,11 +117,20 @@ class OptimConfig:
     weight_decay: float = 5e-4  # mean-loss units; applied to every trainable parameter (0.2)
     bias_lr_mult: float = 1.0  # BN biases get LR x this (step 8_6: 64) ...
     bias_wd_mult: float = 1.0  # ... and weight decay x this (step 8_6: 1/64)
+    # LARS-style steps (Post 6's comparison) for the scale-invariant weights (convs feeding a batch
+    # norm): each such layer's update direction g + wd*w is rescaled to norm lars_trust * |w|, so
+    # every layer moves by the same fraction lr * lars_trust of its weight per step (before momentum).
+    lars: bool = False
+    # Not from the post (its LARS settings were not recovered): 0.02 gives, at the step-4 peak LR 0.4,
+    # a step of 0.008|w| before momentum, which momentum's averaging of noisy steps (about 1/sqrt(1-rho^2)
+    # = 2.3x at rho 0.9) brings near plain SGD's equilibrium sqrt(2 lr wd / (1 + rho)) = 0.0145 there.
+    lars_trust: float = 0.02
 
 
 @dataclass
 class LossConfig:
     label_smoothing: float = 0.0  # loss = (1-a) CE + a * mean over classes of -log p (A3 8.3)
+    uniform_kl: float = 0.0  # + this x KL(uniform || softmax) (Post 7's partial training: 0.5)
 
 
 @dataclass
@@ -125,6 +143,13 @@ class EMAConfig:
 @dataclass
 class TTAConfig:
     flip: bool = False  # average the logits of each test image and its mirror image
+
+
+@dataclass
+class MonitorConfig:
+    # Post 6: per-layer weight norm |w| and mean effective step |dw|/|w| per epoch of every scale-
+    # invariant weight (a conv feeding a batch norm), written into each metrics row.
+    weights: bool = False
 
 
 @dataclass
@@ -180,6 +205,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     tta: TTAConfig = field(default_factory=TTAConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     data: DataConfig = field(default_factory=DataConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     step: StepConfig = field(default_factory=StepConfig)
@@ -222,6 +248,7 @@ def validate(cfg: Any) -> None:
         _one_of(e, "arch.stem", cfg.arch.stem, STEMS)
     _one_of(e, "arch.preact_shortcut", cfg.arch.preact_shortcut, SHORTCUTS)
     _positive(e, "arch.whiten_eps", cfg.arch.whiten_eps)
+    _one_of(e, "arch.init", cfg.arch.init, INITS)
     _positive(e, "batch_size", cfg.batch_size)
     _one_of(e, "precision.name", cfg.precision.name, PRECISIONS)
     _positive(e, "augmentation.crop_pad", cfg.augmentation.crop_pad, allow_zero=True)
@@ -243,6 +270,7 @@ def validate(cfg: Any) -> None:
         e.append("ghost batch norm (norm.splits > 1) needs equal splits: set loader.drop_last=true")
     _one_of(e, "act.kind", cfg.act.kind, ACT_KINDS)
     _positive(e, "act.alpha", cfg.act.alpha)
+    _positive(e, "act.beta", cfg.act.beta)
     knots, lrs = list(cfg.schedule.knots), list(cfg.schedule.lr)
     if len(knots) < 2 or len(knots) != len(lrs):
         e.append(f"schedule.knots ({len(knots)}) and schedule.lr ({len(lrs)}) need the same length, at least 2")
@@ -252,12 +280,17 @@ def validate(cfg: Any) -> None:
         e.append(f"schedule.lr={lrs} has a negative learning rate")
     if cfg.schedule.peak is not None and (cfg.schedule.peak < 0 or not any(v > 0 for v in lrs)):
         e.append(f"schedule.peak={cfg.schedule.peak} needs to be >= 0 and a schedule with a positive LR")
+    if cfg.schedule.stop is not None and not 0 < cfg.schedule.stop <= (knots[-1] if knots else 0):
+        e.append(f"schedule.stop={cfg.schedule.stop} must lie after 0 and not beyond the schedule's "
+                 f"last knot ({knots[-1] if knots else None})")
     _positive(e, "optim.momentum", cfg.optim.momentum, allow_zero=True)
     _positive(e, "optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
     _positive(e, "optim.bias_lr_mult", cfg.optim.bias_lr_mult, allow_zero=True)
     _positive(e, "optim.bias_wd_mult", cfg.optim.bias_wd_mult, allow_zero=True)
+    _positive(e, "optim.lars_trust", cfg.optim.lars_trust)
     if not 0 <= cfg.loss.label_smoothing < 1:
         e.append(f"loss.label_smoothing={cfg.loss.label_smoothing} must be in [0, 1)")
+    _positive(e, "loss.uniform_kl", cfg.loss.uniform_kl, allow_zero=True)
     if cfg.ema.enabled:
         if not 0 < cfg.ema.momentum < 1:
             e.append(f"ema.momentum={cfg.ema.momentum} must be in (0, 1)")

@@ -7,6 +7,7 @@ ghost BN or CELU is a config switch, not an edit of every block.
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable
 
@@ -134,9 +135,34 @@ def _celu(cfg: ActConfig) -> nn.Module:
     return nn.CELU(cfg.alpha)
 
 
+def _softplus(cfg: ActConfig) -> nn.Module:
+    return nn.Softplus(beta=cfg.beta, threshold=cfg.threshold)
+
+
+class ShiftedReLU(nn.Module):
+    """Post 7's "frozen batch norm": (ReLU(x) - sqrt(1/pi)) / sqrt(1 - 1/pi).
+
+    For x ~ N(0, 2), the pre-activation of a He-initialised layer fed standardised inputs, ReLU(x) has
+    mean sqrt(1/pi) and variance 1 - 1/pi, so this is what a batch norm after the ReLU would compute at
+    initialisation, frozen: outputs keep zero mean and unit variance through any depth.
+    """
+
+    SHIFT = math.sqrt(1 / math.pi)
+    SCALE = 1 / math.sqrt(1 - 1 / math.pi)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (F.relu(x) - self.SHIFT) * self.SCALE
+
+
+def _shifted_relu(cfg: ActConfig) -> nn.Module:
+    return ShiftedReLU()
+
+
 ACT_LAYERS: dict[str, Callable[[ActConfig], nn.Module]] = {
     "relu": _relu,
     "celu": _celu,
+    "softplus": _softplus,
+    "shifted_relu": _shifted_relu,
 }
 
 
@@ -208,6 +234,6 @@ class Whitening(nn.Module):
 
 
 __all__ = [
-    "ACT_LAYERS", "GhostBatchNorm", "NORM_LAYERS", "SCALE_INITS", "WHITEN_CHANNELS", "Whitening",
+    "ACT_LAYERS", "GhostBatchNorm", "NORM_LAYERS", "SCALE_INITS", "ShiftedReLU", "WHITEN_CHANNELS", "Whitening",
     "make_act", "make_norm", "patch_whitening_filter",
 ]

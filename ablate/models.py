@@ -292,6 +292,46 @@ def customise(spec: NetSpec, arch: ArchConfig) -> NetSpec:
     return dataclasses.replace(spec, **changes)
 
 
+def init_he(model: nn.Module) -> nn.Module:
+    """Every conv and linear weight drawn from N(0, 2 / fan_in) (He et al.), the variance that keeps a
+    ReLU net's pre-activations at the same scale layer after layer (Post 7's frozen-BN net)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+    return model
+
+
+INITS: dict[str, Callable[[nn.Module], nn.Module]] = {"default": lambda model: model, "he": init_he}
+
+
+def initialise(model: nn.Module, init: str) -> nn.Module:
+    """Apply the ``arch.init`` scheme to a built model ('default' leaves PyTorch's own)."""
+    return _lookup(INITS, init, "arch.init")(model)
+
+
+def scale_invariant_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The conv weights whose output goes straight into a batch norm, by name (Post 6).
+
+    Batch norm undoes any rescaling of such a weight, so the loss does not depend on its norm: the
+    gradient is orthogonal to w, and the norm only sets how far a step turns it (the effective step).
+    A max-pool in between keeps this true (it commutes with a positive scale), so the pooling conv_bn
+    blocks count in either order; a conv whose output is added to a shortcut before any norm does not.
+    """
+    found: dict[str, nn.Parameter] = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, PreActBlock):  # conv1 -> norm2 inside the block
+            pairs = [("conv1", module.conv1, module.norm2)]
+        elif isinstance(module, nn.Sequential):
+            children = [(n, c) for n, c in module.named_children() if not isinstance(c, nn.MaxPool2d)]
+            pairs = [(n, c, nxt) for (n, c), (_, nxt) in zip(children, children[1:])]
+        else:
+            continue
+        for name, conv, norm in pairs:
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.modules.batchnorm._BatchNorm):
+                found[f"{prefix}.{name}.weight" if prefix else f"{name}.weight"] = conv.weight
+    return found
+
+
 # --------------------------------------------------------------------------------------------------
 # Counting
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ablate.config import OptimConfig, ScheduleConfig
+from ablate.models import scale_invariant_weights
 
 
 def piecewise_linear(knots: Sequence[float], values: Sequence[float]) -> Callable[[float], float]:
@@ -28,6 +29,12 @@ def schedule_knots(schedule: ScheduleConfig, max_epochs: float | None) -> list[f
     if max_epochs is not None and knots[-1] > max_epochs:
         knots = [k * max_epochs / knots[-1] for k in knots]
     return knots
+
+
+def training_epochs(schedule: ScheduleConfig, max_epochs: float | None) -> float:
+    """Where training ends: the last knot, or ``schedule.stop`` (compressed alike at smoke scale)."""
+    knots = schedule_knots(schedule, max_epochs)
+    return knots[-1] if schedule.stop is None else schedule.stop * knots[-1] / float(schedule.knots[-1])
 
 
 def schedule_lrs(schedule: ScheduleConfig) -> list[float]:
@@ -47,24 +54,58 @@ def _is_norm_bias(module: nn.Module, name: str) -> bool:
 
 def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
     """Every trainable parameter gets weight decay (journey-facts 0.2); BN biases may get their own
-    LR and WD multipliers (step 8_6). Frozen parameters (requires_grad False) are left out."""
-    biases, others = [], []
+    LR and WD multipliers (step 8_6); with ``optim.lars`` the scale-invariant weights form a group of
+    their own that ``lars_rescale_`` steps. Frozen parameters (requires_grad False) are left out."""
+    lars = {id(p) for p in scale_invariant_weights(model).values()} if optim.lars else set()
+    biases, scaled, others = [], [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if p.requires_grad:
-                (biases if _is_norm_bias(module, name) else others).append(p)
+                (biases if _is_norm_bias(module, name) else scaled if id(p) in lars else others).append(p)
     groups = [dict(params=others, lr_mult=1.0, wd_mult=1.0)]
     if biases:
         groups.append(dict(params=biases, lr_mult=optim.bias_lr_mult, wd_mult=optim.bias_wd_mult))
+    if scaled:
+        groups.append(dict(params=scaled, lr_mult=1.0, wd_mult=1.0, lars=True))
     return groups
 
 
 def make_optimizer(model: nn.Module, optim: OptimConfig, batch_size: int) -> torch.optim.SGD:
-    """Nesterov SGD in summed-loss units; ``set_lr`` sets each group's LR before every step."""
+    """Nesterov SGD in summed-loss units; ``set_lr`` sets each group's LR before every step.
+
+    A LARS group keeps its weight decay out of SGD (``lars_wd``): ``lars_rescale_`` folds it into the
+    direction before rescaling, so decay turns the weight instead of shrinking its step.
+    """
     _, wd = to_torch_units(0.0, optim.weight_decay, batch_size)
-    groups = [dict(g, weight_decay=wd * g["wd_mult"]) for g in param_groups(model, optim)]
+    groups = []
+    for g in param_groups(model, optim):
+        if g.get("lars"):
+            # The step's length in torch units: lr/N (set_lr) x N * trust * |w| = lr * trust * |w|.
+            g.update(weight_decay=0.0, lars_wd=wd * g["wd_mult"], lars_norm=batch_size * optim.lars_trust)
+        else:
+            g.update(weight_decay=wd * g["wd_mult"])
+        groups.append(g)
     return torch.optim.SGD(groups, lr=0.0, momentum=optim.momentum, nesterov=optim.nesterov,
                            weight_decay=wd)
+
+
+@torch.no_grad()
+def lars_rescale_(optimizer: torch.optim.Optimizer) -> None:
+    """Before ``optimizer.step()``: in each LARS group, replace every gradient g by the direction
+    g + wd*w rescaled to length ``lars_norm`` * |w| (on the device, no host sync). Other groups are
+    untouched, so this is a no-op for an optimiser without LARS groups."""
+    for group in optimizer.param_groups:
+        if not group.get("lars"):
+            continue
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        grads = [p.grad for p in params]
+        torch._foreach_add_(grads, params, alpha=group["lars_wd"])
+        w_norms = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32))
+        g_norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+        scales = group["lars_norm"] * w_norms / g_norms.clamp_min(torch.finfo(torch.float32).tiny)
+        torch._foreach_mul_(grads, [s.to(g.dtype) for s, g in zip(scales.unbind(), grads)])
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, batch_size: int) -> None:

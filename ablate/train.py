@@ -21,8 +21,11 @@ from tqdm import tqdm
 
 from ablate import augment, data
 from ablate.layers import Whitening, make_act, make_norm
-from ablate.models import REGISTRY, build_model, count_macs, count_params, customise
-from ablate.optim import make_optimizer, piecewise_linear, schedule_knots, schedule_lrs, set_lr
+from ablate.config import LossConfig
+from ablate.models import (REGISTRY, build_model, count_macs, count_params, customise, initialise,
+                           scale_invariant_weights)
+from ablate.optim import (lars_rescale_, make_optimizer, piecewise_linear, schedule_knots, schedule_lrs,
+                          set_lr, training_epochs)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,7 @@ def build_network(cfg, precision: Precision, device: torch.device) -> nn.Module:
     """The configured network with the injected norm/act layers, cast to the run's precision."""
     spec = customise(REGISTRY[cfg.arch.name], cfg.arch)
     width = cfg.arch.width_mult * cfg.scale.width_mult
-    model = build_model(spec, make_norm(cfg.norm), make_act(cfg.act), width_mult=width)
+    model = initialise(build_model(spec, make_norm(cfg.norm), make_act(cfg.act), width_mult=width), cfg.arch.init)
     model = model.to(device=device, dtype=precision.param_dtype)
     if precision.norm_fp32:
         for m in model.modules():
@@ -94,11 +97,19 @@ def build_network(cfg, precision: Precision, device: torch.device) -> nn.Module:
     return model
 
 
-def loss_fn(label_smoothing: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def loss_fn(cfg: LossConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Summed cross-entropy; with smoothing a, (1-a) CE + a * mean over classes of -log p (A3 8.3),
-    which is exactly what torch's label_smoothing computes."""
-    return lambda logits, y: F.cross_entropy(logits.float(), y, reduction="sum",
-                                             label_smoothing=label_smoothing)
+    which is exactly what torch's label_smoothing computes; plus ``uniform_kl`` x KL(uniform || p),
+    which pulls predictions towards uniform (Post 7's partial-training loss: CE + 0.5 KL)."""
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        total = F.cross_entropy(logits, y, reduction="sum", label_smoothing=cfg.label_smoothing)
+        if cfg.uniform_kl:
+            # KL(u || p) = sum_c (1/C) (log(1/C) - log p_c) = -mean_c log p_c - log C
+            kl = -F.log_softmax(logits, dim=1).mean(dim=1) - math.log(logits.shape[1])
+            total = total + cfg.uniform_kl * kl.sum()
+        return total
+    return loss
 
 
 def predict(model: nn.Module, x: torch.Tensor, tta_flip: bool) -> torch.Tensor:
@@ -107,6 +118,37 @@ def predict(model: nn.Module, x: torch.Tensor, tta_flip: bool) -> torch.Tensor:
     if tta_flip:
         logits = (logits + model(x.flip(3)).float()) / 2
     return logits
+
+
+class WeightMonitor:
+    """Post 6's measurements of the scale-invariant weights: each epoch's row gets every such layer's
+    norm |w| at the end of the epoch and its mean effective step |w_after - w_before| / |w_before|
+    over the epoch's steps. Kept on the device (no host sync per step); a copy of those weights is
+    the memory cost."""
+
+    def __init__(self, weights: dict[str, nn.Parameter]) -> None:
+        self.names = list(weights)
+        self.weights = [w.detach() for w in weights.values()]
+        self.before = [w.clone() for w in self.weights]
+        self.step_sum = torch.zeros(len(self.weights), device=self.weights[0].device)
+        self.steps = 0
+
+    def before_step(self) -> None:
+        torch._foreach_copy_(self.before, self.weights)
+
+    def after_step(self) -> None:
+        deltas = torch._foreach_sub(self.weights, self.before)
+        moved = torch.stack(torch._foreach_norm(deltas, 2, dtype=torch.float32))
+        self.step_sum += moved / torch.stack(torch._foreach_norm(self.before, 2, dtype=torch.float32))
+        self.steps += 1
+
+    def epoch_stats(self) -> dict[str, dict[str, float]]:
+        """{'weight_norm': {layer: |w|}, 'effective_step': {layer: mean |dw|/|w|}}; starts a new epoch."""
+        norms = torch.stack(torch._foreach_norm(self.weights, 2, dtype=torch.float32)).tolist()
+        steps = (self.step_sum / max(self.steps, 1)).tolist()
+        self.step_sum.zero_()
+        self.steps = 0
+        return dict(weight_norm=dict(zip(self.names, norms)), effective_step=dict(zip(self.names, steps)))
 
 
 class EMA:
@@ -163,7 +205,7 @@ def _warm_up(model: nn.Module, train_model: nn.Module, batch_size: int, device: 
     x = torch.randn(batch_size, 3, 32, 32, device=device, dtype=precision.param_dtype)
     y = torch.randint(0, 10, (batch_size,), device=device)
     with _autocast(device, precision.autocast):
-        loss_fn(0.0)(train_model(_prepare(x, channels_last)), y).backward()
+        loss_fn(LossConfig())(train_model(_prepare(x, channels_last)), y).backward()
     sync(device)
     model.zero_grad(set_to_none=True)
     model.load_state_dict(state)
@@ -191,6 +233,14 @@ def _batches(cfg, images: data.Images, device: torch.device, dtype: torch.dtype,
 
 def steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+def _weight_monitor(model: nn.Module) -> WeightMonitor | None:
+    weights = scale_invariant_weights(model)
+    if not weights:
+        log.warning("monitor.weights: this network has no conv feeding a batch norm; nothing to monitor")
+        return None
+    return WeightMonitor(weights)
 
 
 def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
@@ -229,12 +279,14 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
 
     optimizer = make_optimizer(model, cfg.optim, cfg.batch_size)
     ema = EMA(model, cfg.ema.momentum, cfg.ema.every) if cfg.ema.enabled else None
-    criterion = loss_fn(cfg.loss.label_smoothing)
+    criterion = loss_fn(cfg.loss)
+    monitor = _weight_monitor(model) if cfg.monitor.weights else None
     knots = schedule_knots(cfg.schedule, cfg.scale.epochs)
     lr_at = piecewise_linear(knots, schedule_lrs(cfg.schedule))
     n_steps = steps_per_epoch(len(images.train_y), cfg.batch_size, cfg.loader.drop_last)
     train_seconds, eval_seconds, results = prep_seconds, 0.0, {}
-    for epoch in range(math.ceil(knots[-1])):
+    first_step_at = None  # wall clock after the first optimiser step, for start-up benchmarks
+    for epoch in range(math.ceil(training_epochs(cfg.schedule, cfg.scale.epochs))):
         sync(device)
         epoch_start = time.perf_counter()
         model.train()
@@ -252,9 +304,17 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
                 loss = criterion(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            lars_rescale_(optimizer)
+            if monitor is not None:
+                monitor.before_step()
             optimizer.step()
+            if monitor is not None:
+                monitor.after_step()
             if ema is not None:
                 ema.maybe_update(i)
+            if first_step_at is None:
+                sync(device)
+                first_step_at = time.time()
             loss_sum += loss.detach()
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
@@ -273,9 +333,11 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
         row = dict(epoch=epoch + 1, lr=lr, train_loss=train_loss, train_acc=100.0 * correct.item() / max(seen, 1),
                    test_loss=test_loss, test_acc=test_acc, epoch_seconds=epoch_seconds,
                    train_seconds=train_seconds, eval_seconds=eval_seconds)
+        if monitor is not None:
+            row.update(monitor.epoch_stats())
         on_epoch(row)
         if not math.isfinite(train_loss):
             raise Diverged(f"training loss is {train_loss} at epoch {epoch + 1} (lr {lr:.4g})")
         results = dict(test_acc=test_acc, test_loss=test_loss, train_loss=train_loss, epochs=epoch + 1)
     return dict(results, train_seconds=round(train_seconds, 3), eval_seconds=round(eval_seconds, 3),
-                prep_seconds=round(prep_seconds, 3))
+                prep_seconds=round(prep_seconds, 3), first_step_at=first_step_at)

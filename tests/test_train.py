@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ablate.optim import make_optimizer, set_lr
+from ablate.config import LossConfig
 from ablate.train import EMA, build_network, loss_fn, predict, resolve_precision, steps_per_epoch
 from tests.conftest import make_cfg
 
@@ -16,8 +17,19 @@ def test_label_smoothing_equals_the_formula():
     logits, y = torch.randn(16, 10), torch.randint(0, 10, (16,))
     logp = F.log_softmax(logits, 1)
     expected = (0.8 * -logp[torch.arange(16), y] + 0.2 * -logp.mean(1)).sum()
-    assert loss_fn(0.2)(logits, y).item() == pytest.approx(expected.item(), rel=1e-5)
-    assert loss_fn(0.0)(logits, y).item() == pytest.approx(F.cross_entropy(logits, y, reduction="sum").item())
+    assert loss_fn(LossConfig(label_smoothing=0.2))(logits, y).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss_fn(LossConfig())(logits, y).item() == pytest.approx(F.cross_entropy(logits, y, reduction="sum").item())
+
+
+def test_uniform_kl_term_is_the_kl_divergence_from_uniform():
+    torch.manual_seed(0)
+    logits, y = torch.randn(16, 10), torch.randint(0, 10, (16,))
+    p = F.softmax(logits, 1)
+    kl = (0.1 * (torch.log(torch.tensor(0.1)) - torch.log(p))).sum(1)  # KL(u || p) per example
+    expected = F.cross_entropy(logits, y, reduction="sum") + 0.5 * kl.sum()
+    assert loss_fn(LossConfig(uniform_kl=0.5))(logits, y).item() == pytest.approx(expected.item(), rel=1e-5)
+    uniform = torch.zeros(4, 10)  # uniform predictions: the KL term is 0
+    assert loss_fn(LossConfig(uniform_kl=1.0))(uniform, y[:4]).item() == pytest.approx(4 * math.log(10), rel=1e-6)
 
 
 def test_ema_equals_the_closed_form_and_skips_integer_buffers():
@@ -53,7 +65,7 @@ def test_frozen_bn_scales_stay_put_and_bias_groups_move_faster():
     opt = make_optimizer(model, cfg.optim, cfg.batch_size)
     set_lr(opt, 1.0, cfg.batch_size)
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
-    loss_fn(0.2)(model(x), y).backward()
+    loss_fn(LossConfig(label_smoothing=0.2))(model(x), y).backward()
     opt.step()
     assert all(torch.equal(m.weight, s) and torch.all(s == 1) for m, s in zip(bns, scales))
     assert any(not torch.equal(m.bias, b) for m, b in zip(bns, biases))
