@@ -10,8 +10,8 @@ recipe by cyclic coordinate descent from a deliberately bad start. This module h
   because ``ablate.run.execute`` skips a recipe that already completed there);
 * the study charts ``python -m ablate.report`` adds for the ``hparams*`` experiments: the descent
   path, and heat maps over (λ, α) and (λ, N) with the flat directions λα = const and λ/N = const.
-* the Post 7 batch-norm stress-test chart for the ``batchnorm`` experiment: train accuracy against
-  the epoch's LR, with and without BN, marking where a run diverged.
+* ``study_charts``, the one hook the report calls for every study: it also draws Post 6's chart
+  (``ablate.wd_study``) and Post 7's (``ablate.bn_study``) when their experiments' runs are present.
 
 The module is imported at Hydra start-up (plugin discovery), so pandas and matplotlib are imported
 only inside the chart functions.
@@ -396,68 +396,6 @@ def plot_heatmap(runs: pd.DataFrame, y: str, path: Path) -> Figure:
     return fig
 
 
-# Post 7 (journey-facts C), full scale: (LR, train accuracy) the blog quotes, and the no-BN NaN.
-BN_STRESS_BLOG = {"with BN": [(0.905, 85.3), (2.56, 85.0), (28.96, 56.0)], "without BN": [(0.113, 65.9)]}
-BN_STRESS_BLOG_NAN_LR = 0.32  # the no-BN loss is NaN at the blog's epoch 12 (LR 0.005·2^6)
-NORM_LABELS = {"batchnorm_frozen_affine": "BN (affine frozen)", "none": "no BN"}
-
-
-def _diverged_at(curve: "pd.DataFrame") -> Optional[int]:
-    """Index of the first row whose train loss is not finite (the epoch ``Diverged`` stopped at)."""
-    if "train_loss" not in curve:
-        return None
-    bad = [i for i, v in enumerate(curve.train_loss) if not math.isfinite(float(v))]
-    return bad[0] if bad else None
-
-
-def plot_bn_stress(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], path: Path) -> Figure:
-    """Post 7's stress test: train accuracy (y) against the epoch's LR (x, log axis), one line per run
-    labelled by its norm, read from the runs' metrics rows, so failed runs are drawn up to the epoch
-    they stopped at. Where a run's train loss became non-finite, a red x marks that epoch (its row's
-    LR and accuracy) and a dotted line its LR; a run that failed otherwise is marked at its last row.
-    The blog's quoted points are drawn hollow for comparison. One panel per scale and device."""
-    groups = list(runs.groupby(PANEL_KEYS, sort=True))
-    fig, axes = _panels(len(groups), 8, 5.5)
-    for ax, ((scale, device), g) in zip(axes, groups):
-        several_seeds = g.seed.nunique() > 1 if "seed" in g else False
-        for _, r in g.sort_values("run").iterrows():
-            curve = curves.get(r["run"])
-            if curve is None or curve.empty or not {"lr", "train_acc"} <= set(curve):
-                continue
-            norm = r.get("choice.norm", "?")
-            label = NORM_LABELS.get(norm, f"norm={norm}")
-            if several_seeds:
-                label += f", seed {r['seed']}"
-            stop = _diverged_at(curve)
-            shown = curve if stop is None else curve.iloc[:stop + 1]
-            (line,) = ax.plot(shown.lr, shown.train_acc, marker="o", markersize=3, label=label)
-            if stop is not None:
-                lr, acc = float(curve.lr.iloc[stop]), float(curve.train_acc.iloc[stop])
-                epoch = int(curve.epoch.iloc[stop]) if "epoch" in curve else stop + 1
-                ax.axvline(lr, color=line.get_color(), linestyle=":", alpha=0.7)
-                ax.plot([lr], [acc], marker="x", markersize=12, mew=2.5, color="tab:red", linestyle="none",
-                        label=f"{label}: loss NaN at epoch {epoch} (LR {lr:.3g})")
-            elif r["status"] != "completed":
-                lr, acc = float(curve.lr.iloc[-1]), float(curve.train_acc.iloc[-1])
-                ax.plot([lr], [acc], marker="x", markersize=12, mew=2.5, color="tab:red", linestyle="none",
-                        label=f"{label}: {r['status']} after epoch {len(curve)} (LR {lr:.3g})")
-        for (name, points), marker in zip(BN_STRESS_BLOG.items(), ("s", "D")):
-            ax.scatter(*zip(*points), marker=marker, facecolors="none", edgecolors="gray",
-                       label=f"blog {name} (full scale)")
-        ax.axvline(BN_STRESS_BLOG_NAN_LR, color="gray", linestyle="--", alpha=0.5,
-                   label=f"blog: no-BN loss NaN at LR {BN_STRESS_BLOG_NAN_LR:g}")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("learning rate of the epoch (per batch, mean loss; 0.005·2^(k/2) in epoch k)")
-        ax.set_ylabel("train accuracy (%)")
-        ax.set_title(f"Post 7 LR stress test, simple net ({scale}, {device}): train accuracy vs LR, "
-                     "with and without BN", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return fig
-
-
 STUDY_COLUMNS = {"lr_peak", "momentum", "weight_decay", "batch_size", "choice.experiment"}
 GRIDS = {  # experiment -> (the other axis, chart title)
     "hparams_lr_wd": ("weight_decay", "Post 5 grid: max LR × weight decay"),
@@ -467,19 +405,30 @@ GRIDS = {  # experiment -> (the other axis, chart title)
 
 def study_charts(runs: pd.DataFrame, out: Path,
                  curves: Optional[dict[str, pd.DataFrame]] = None) -> list[tuple[str, str]]:
-    """Write the charts of the Post 5 and Post 7 studies found in ``runs`` into ``out`` and return
+    """Write the charts of the Post 5, 6 and 7 studies found in ``runs`` into ``out`` and return
     (title, file name) for each. The experiment a run came from (``+experiment=...``) says which
-    chart it feeds; a heat map needs completed runs at two values or more on each axis; the Post 7
-    stress test reads every run's per-epoch ``curves`` (failed runs included)."""
+    chart it feeds; a heat map needs completed runs at two values or more on each axis; the Post 6
+    and Post 7 charts read every run's per-epoch ``curves`` (failed runs included)."""
     import matplotlib.pyplot as plt
+
+    from ablate import bn_study, wd_study
 
     charts = []
     if curves is not None and "choice.experiment" in runs:
-        stress = runs[runs["choice.experiment"] == "batchnorm"]
-        if len(stress):
-            plt.close(plot_bn_stress(stress, curves, out / "batchnorm_stress.png"))
-            charts.append(("Post 7 stress test: train accuracy vs LR, with and without BN",
-                           "batchnorm_stress.png"))
+        post7 = runs[runs["choice.experiment"] == "batchnorm"]
+        stress = post7[post7.step == "bn_stress"]
+        partial = post7[post7.step == "bn_partial"]
+        post6 = runs[runs["choice.experiment"] == "weight_decay"]
+        for subset, plot, name, title in (
+                (stress, bn_study.plot_bn_stress, "batchnorm_stress.png",
+                 "Post 7 stress test: train accuracy vs LR, with and without BN"),
+                (partial, bn_study.plot_bn_partial, "batchnorm_partial.png",
+                 "Post 7 partial training: BN at max LR 5.0 vs no BN at 0.2, after 10 of 20 epochs"),
+                (post6, wd_study.plot_weight_decay, "weight_decay.png",
+                 "Post 6: weight norms, effective steps and accuracy at equal λα")):
+            if len(subset):
+                plt.close(plot(subset, curves, out / name))
+                charts.append((title, name))
     if not STUDY_COLUMNS <= set(runs):
         return charts
     descent = runs[runs["choice.experiment"] == "hparams"]
