@@ -41,6 +41,13 @@ def test_wrong_type_or_unknown_key_is_rejected_at_composition(override):
     (["schedule.knots=[0,5]"], "same length"),
     (["augmentation.cutout=40"], "does not fit"),
     (["loader.workers=-1"], "loader.workers"),
+    (["schedule.stop=30"], "schedule.stop=30"),
+    (["schedule.stop=0"], "schedule.stop=0"),
+    (["arch.init=xavier"], "arch.init='xavier'"),
+    (["act=softplus", "act.beta=0"], "act.beta=0"),
+    (["optim.lars=true", "optim.lars_trust=0"], "optim.lars_trust=0"),
+    (["loss.uniform_kl=-0.5"], "loss.uniform_kl=-0.5"),
+    (["act.kind=tanh"], "act.kind='tanh'"),
 ])
 def test_impossible_values_fail_validation_naming_the_value(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -68,3 +68,13 @@ def test_peak_rescales_the_schedule():
     assert schedule_lrs(s) == [0, 1.0, 0.1, 0.1]
     s.peak = 0.5
     assert schedule_lrs(s) == pytest.approx([0, 0.5, 0.05, 0.05])
+
+
+def test_training_stops_at_schedule_stop_compressed_like_the_knots():
+    from ablate.config import ScheduleConfig
+    from ablate.optim import training_epochs
+
+    partial = ScheduleConfig(knots=[0, 4, 20], lr=[0, 1, 0], stop=10)
+    assert training_epochs(partial, None) == 10
+    assert training_epochs(partial, 2) == 1  # smoke: 20 epochs become 2, so epoch 10 becomes 1
+    assert training_epochs(ScheduleConfig(knots=[0, 5, 24], lr=[0, 0.4, 0]), None) == 24
