@@ -2,16 +2,26 @@
 
 compose (Hydra) -> validate -> train -> record. Bad input stops before any training with a message
 that names the value at fault; a run that fails midway is recorded as failed, never lost.
+
+Sweeps (``-m``) run through any Hydra launcher: the basic one (one job after another in this
+process), ``hydra/launcher=joblib`` (parallel worker processes on this machine) or
+``hydra/launcher=submitit_slurm`` / ``submitit_local``. Each job places itself (``place_job``) before
+it touches a device, gets one outcome (completed / skipped / failed, with the kind of failure) and
+never stops the sweep; ``ablate.records.SweepCallback`` prints the closing summary.
 """
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -20,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from ablate.config import ArchConfig, ConfigError, register_configs, validate
 from ablate.data import DataError
 from ablate.models import REGISTRY
-from ablate.records import RecordExists, RunRecord, config_key, read_config, read_summary
+from ablate.records import RecordExists, RunRecord, config_key, read_config, read_summary, write_outcome
 from ablate.studies import register_sweeper
 from ablate.train import Diverged, train
 
@@ -77,12 +87,148 @@ def find_completed(key: str, sweep_dir: Path) -> Path | None:
     return None
 
 
+# --------------------------------------------------------------------------------------------------
+# Failures: what kind, and what to do about it
+
+
+OOM_HINT = ("Try a smaller batch size (batch_size=256 or 128) or a smaller scale (scale=cpu, scale=smoke), "
+            "or fewer parallel jobs per device.")
+_OOM_TYPES = tuple({t for t in (MemoryError, getattr(torch, "OutOfMemoryError", None),
+                                getattr(torch.cuda, "OutOfMemoryError", None)) if isinstance(t, type)})
+_OOM_TEXT = ("out of memory", "can't allocate memory")  # older CUDA builds; the CPU allocator
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """torch.OutOfMemoryError (= torch.cuda.OutOfMemoryError), MemoryError, or an allocator's RuntimeError."""
+    return isinstance(err, _OOM_TYPES) or (isinstance(err, RuntimeError) and
+                                           any(t in str(err).lower() for t in _OOM_TEXT))
+
+
+def failure_kind(err: BaseException) -> str:
+    """The ``failure`` field of a failed run's summary and of its sweep outcome."""
+    if is_out_of_memory(err):
+        return "out_of_memory"
+    for kind, types in (("invalid_config", ConfigError), ("data", DataError), ("diverged", Diverged),
+                        ("record_exists", RecordExists), ("interrupted", KeyboardInterrupt)):
+        if isinstance(err, types):
+            return kind
+    return "error"
+
+
+def free_device_memory() -> None:
+    """Hand cached CUDA memory back between the jobs that share a worker process (joblib reuses them)."""
+    if torch.cuda.is_initialized():
+        gc.collect()  # a failed job's tensors may sit in reference cycles (exception, frames)
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------
+# Job placement: which GPU and how many CPU threads a sweep job gets
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def joblib_jobs(n_jobs: int | None, cpus: int) -> int:
+    """How many jobs joblib runs at once for ``n_jobs`` (-1: one per CPU, -2: all but one, ...)."""
+    if n_jobs is None or n_jobs == 0:
+        return 1
+    return n_jobs if n_jobs > 0 else max(1, cpus + 1 + n_jobs)
+
+
+_claimed_gpu: tuple[int, object] | None = None  # (index, locked file) held for this process's life
+
+
+def claim_gpu(n_gpus: int, preferred: int, lock_dir: Path | None = None) -> int:
+    """A GPU index for this process that no other ablate process on this machine holds.
+
+    Jobs of a parallel sweep do not finish in launch order, so ``job number % GPUs`` alone can put two
+    running jobs on one GPU. Instead each process takes an exclusive lock (flock, released by the
+    kernel when the process ends, even on SIGKILL) on one GPU, starting from ``preferred``, and keeps
+    it for every later job it runs: a reused joblib worker stays on its GPU, with its CUDA context. When
+    every GPU is held (more parallel jobs than GPUs) the job shares ``preferred`` and says so.
+    """
+    global _claimed_gpu
+    if _claimed_gpu is not None and _claimed_gpu[0] < n_gpus:
+        return _claimed_gpu[0]
+    try:
+        import fcntl
+    except ImportError:  # not on a POSIX system: job number modulo the GPU count
+        return preferred % n_gpus
+    lock_dir = lock_dir or Path(tempfile.gettempdir()) / f"ablate-gpu-locks-{os.getuid()}"
+    # Named by the physical GPU where CUDA_VISIBLE_DEVICES says which, so processes that see
+    # different subsets of the machine's GPUs still agree on what is taken.
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    for i in range(n_gpus):
+        k = (preferred + i) % n_gpus
+        try:
+            lock_dir.mkdir(parents=True, exist_ok=True)
+            handle = open(lock_dir / f"gpu-{visible[k] if k < len(visible) else k}.lock", "a")
+        except OSError as err:  # no lock directory: placement by job number, never a failed job
+            log.warning("cannot use GPU lock files in %s (%s); job placed on GPU %d by its number",
+                        lock_dir, err, preferred % n_gpus)
+            return preferred % n_gpus
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        _claimed_gpu = (k, handle)
+        return k
+    log.warning("all %d GPUs are held by other ablate processes: this job shares GPU %d (run fewer "
+                "parallel jobs, e.g. hydra.launcher.n_jobs=%d)", n_gpus, preferred % n_gpus, n_gpus)
+    return preferred % n_gpus
+
+
+def place_job(hydra_cfg: DictConfig, cfg: DictConfig) -> dict:
+    """Give a sweep job its share of the machine before it touches a device; return what was chosen.
+
+    CPU threads: joblib runs ``n_jobs`` jobs at once, each gets ``cpus // n_jobs`` torch threads;
+    submitit gets ``cpus_per_task`` when set (submitit_local without it starts a whole batch of jobs
+    at once on this machine: one thread each). The basic launcher runs one job at a time: unchanged.
+
+    GPU: with several GPUs visible and ``device`` left to choose (auto or cuda), the job's process
+    claims one (``claim_gpu``) and makes it the current device with ``torch.cuda.set_device``; the
+    recipe's ``device`` stays as written, so the resume key of a run does not depend on its GPU.
+    (CUDA_VISIBLE_DEVICES is not used: it only acts before CUDA starts in a process, and joblib's
+    workers run many jobs each.) Under SLURM each job sees only the GPUs allocated to it.
+    """
+    facts: dict = {}
+    launcher = hydra_cfg.launcher
+    target = str(launcher.get("_target_", ""))
+    threads = None
+    if "joblib" in target:
+        threads = max(1, cpu_count() // joblib_jobs(launcher.get("n_jobs", -1), cpu_count()))
+    elif "submitit" in target:
+        if launcher.get("cpus_per_task"):
+            threads = int(launcher.cpus_per_task)
+        elif target.endswith("LocalLauncher"):
+            threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
+        facts["torch_threads"] = threads
+    if str(cfg.device) in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        index = claim_gpu(torch.cuda.device_count(), int(hydra_cfg.job.get("num") or 0))
+        torch.cuda.set_device(index)
+        facts["cuda_index"] = index
+    return facts
+
+
+# --------------------------------------------------------------------------------------------------
+# One run
+
+
 def execute(cfg: DictConfig, run_dir: Path, choices: dict | None = None,
-            resume_in: Path | None = None) -> dict:
+            resume_in: Path | None = None, facts: dict | None = None) -> dict:
     """Validate ``cfg``, train it and keep its records in ``run_dir``; return the summary.
 
     ``choices`` are the config-group options that composed ``cfg`` (kept for the results table).
     With ``resume_in`` (a sweep directory), a recipe that already completed there is not run again.
+    ``facts`` (how the job was placed: GPU index, threads) go into the summary as they are.
     """
     validate(cfg)
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
@@ -90,6 +236,8 @@ def execute(cfg: DictConfig, run_dir: Path, choices: dict | None = None,
         log.info("%s seed %d: already completed in %s, not run again", cfg.step.id, cfg.seed, done)
         return dict(read_summary(done), skipped=True)
     record = RunRecord(run_dir, resolved, choices)
+    if facts:
+        record.update(**facts)
     log.info("%s | arch %s | scale %s | seed %d | run dir %s", cfg.step.id, cfg.arch.name,
              cfg.scale.name, cfg.seed, run_dir)
 
@@ -109,7 +257,9 @@ def execute(cfg: DictConfig, run_dir: Path, choices: dict | None = None,
     try:
         results = train(cfg, on_start=on_start, on_epoch=on_epoch)
     except BaseException as err:  # KeyboardInterrupt too: the record must say the run did not finish
-        record.finish("failed", error=f"{type(err).__name__}: {err}")
+        kind = failure_kind(err)
+        record.finish("failed", error=f"{type(err).__name__}: {err}", failure=kind,
+                      **({"hint": OOM_HINT} if kind == "out_of_memory" else {}))
         raise
     summary = record.finish("completed", **results)
     log.info("%s: test accuracy %.2f%% after %d epochs, %.1f s training + %.1f s evaluation (%s, %s)",
@@ -123,23 +273,45 @@ register_all()
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    """One job. In a sweep nothing it raises stops the sweep: it is recorded (``summary.json``, and an
+    outcome for the sweep's closing line) and the next job runs. A single run exits non-zero instead:
+    2 for bad input (config, data, an occupied run directory), 1 for a run that failed."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")}
+    outcome: dict = dict(run_dir=str(run_dir), step=cfg.step.id, arch=cfg.arch.name, seed=cfg.seed)
     try:
-        summary = execute(cfg, run_dir, choices, resume_in=run_dir.parent if sweeping else None)
+        facts = place_job(hydra_cfg, cfg) if sweeping else {}
+        summary = execute(cfg, run_dir, choices, resume_in=run_dir.parent if sweeping else None, facts=facts)
+        outcome.update(status="skipped" if summary.get("skipped") else "completed",
+                       test_acc=summary.get("test_acc"))
+        return summary["test_acc"]
     except (ConfigError, DataError, RecordExists, Diverged) as err:
         print(f"ablate: {err}", file=sys.stderr)  # a message for the user, not a traceback
-        if sweeping:
-            return None
-        sys.exit(1 if isinstance(err, Diverged) else 2)
-    except Exception:  # recorded as failed by execute; a sweep goes on to its next job
+        outcome.update(status="failed", failure=failure_kind(err), error=str(err))
         if not sweeping:
-            raise
-        log.exception("%s seed %d failed (recorded in %s); the sweep goes on", cfg.step.id, cfg.seed, run_dir)
-        return None
-    return summary["test_acc"]
+            sys.exit(1 if isinstance(err, Diverged) else 2)
+    except Exception as err:  # recorded as failed by execute; a sweep goes on to its next job
+        outcome.update(status="failed", failure=failure_kind(err), error=f"{type(err).__name__}: {err}")
+        if is_out_of_memory(err):  # the user's to fix, like bad input: a message, not a traceback
+            print(f"ablate: {cfg.step.id} seed {cfg.seed} ran out of memory ({type(err).__name__}); the "
+                  f"run is recorded as failed in {run_dir}. {OOM_HINT}", file=sys.stderr)
+            if not sweeping:
+                sys.exit(1)
+        else:
+            if not sweeping:
+                raise
+            log.exception("%s seed %d failed (recorded in %s); the sweep goes on", cfg.step.id, cfg.seed,
+                          run_dir)
+    finally:
+        if sweeping and "status" in outcome:  # not for KeyboardInterrupt: the sweep itself stops
+            try:
+                write_outcome(Path(str(hydra_cfg.sweep.dir)), hydra_cfg.job.num, outcome)
+            except OSError as err:  # the run's own record is written; only the closing line misses it
+                log.warning("could not record the outcome of job %s (%s)", hydra_cfg.job.num, err)
+        free_device_memory()
+    return None
 
 
 if __name__ == "__main__":

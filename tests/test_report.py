@@ -137,6 +137,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_jobs(tmp_path):
     for name, summary in first.items():  # finished jobs were not run again
         assert final[name]["finished"] == summary["finished"]
     assert out.stdout.count("not run again") + out.stderr.count("not run again") == len(first)
+    assert f"4 jobs: {4 - len(first)} completed, 0 failed, {len(first)} skipped" in out.stdout
 
 
 def test_notebook_runs_against_a_small_results_table(tmp_path, monkeypatch):
@@ -155,13 +156,16 @@ def test_notebook_runs_against_a_small_results_table(tmp_path, monkeypatch):
 
 
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
-    """Job 0 cannot find its data (recorded as failed, with the error); job 1 still runs."""
+    """Job 0 cannot find its data (recorded as failed, with the error); job 1 still runs; the sweep
+    says so in its closing line and exits non-zero."""
     sweep = tmp_path / "sweep"
     out = subprocess.run([sys.executable, "-m", "ablate.run", "-m", "+step=step4", "scale=smoke", "progress=false",
                           "data=default,synthetic", f"data.root={tmp_path / 'missing'}", "data.download=false",
                           f"hydra.sweep.dir={sweep}"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "2 jobs: 1 completed, 1 failed, 0 skipped" in out.stdout and "failed: job 0" in out.stdout
     summaries = sorted((json.loads(p.read_text()) for p in sweep.glob("*/summary.json")),
                        key=lambda s: s["choices"]["data"])
     assert [s["status"] for s in summaries] == ["failed", "completed"]
     assert "DataError" in summaries[0]["error"] and "missing" in summaries[0]["error"]
+    assert summaries[0]["failure"] == "data"
