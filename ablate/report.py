@@ -51,10 +51,20 @@ def _read_metrics(path: Path) -> tuple[list[dict], bool]:
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not an object")
+                rows.append(row)
             except ValueError:
                 torn = True
     return rows, torn
+
+
+def _check_numbers(summary: dict) -> None:
+    for key in ("test_acc", "train_seconds", "eval_seconds", "epochs", "seed"):
+        value = summary.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{SUMMARY} field {key}={value!r} is not a number")
 
 
 def _recipe_key(config: dict) -> str:
@@ -89,38 +99,42 @@ def load_runs(root: Path, target: float | None = None) -> tuple[pd.DataFrame, di
         except (OSError, ValueError) as err:
             problems.append(f"{path}: unreadable summary ({err}); skipped")
             continue
-        config = read_config(run_dir)
-        if config is None:
-            problems.append(f"{run_dir / CONFIG}: missing or unreadable config")
-            config = {}
-        metrics, torn = _read_metrics(run_dir / METRICS)
-        if torn:
-            problems.append(f"{run_dir / METRICS}: a torn line was dropped")
-        ref = config.get("step", {}).get("ref", {})
-        goal = target if target is not None else config.get("target_acc", 94.0)
-        seconds, epochs = _to_target(metrics, goal)
-        timing = ref.get("timing", "with_eval")
-        train_s, eval_s = summary.get("train_seconds", math.nan), summary.get("eval_seconds", math.nan)
-        row = dict(run=str(run_dir.relative_to(root)) if run_dir != Path(root) else ".",
-                   status=summary["status"], step=summary.get("step"), arch=summary.get("arch"),
-                   scale=summary.get("scale"), seed=summary.get("seed"), device=summary.get("device"),
-                   precision_used=summary.get("precision_used"), torch_version=summary.get("torch_version"),
-                   test_acc=summary.get("test_acc", math.nan), epochs=summary.get("epochs", len(metrics)),
-                   train_seconds=train_s, eval_seconds=eval_s,
-                   # the measured time in the convention of the step's published reference
-                   time_s=train_s + eval_s if timing == "with_eval" else train_s, timing=timing,
-                   target=goal, time_to_target=seconds, epochs_to_target=epochs,
-                   ref_time_s=ref.get("time_s"), ref_acc=ref.get("accuracy"),
-                   ref_note=ref.get("accuracy_note", ""), recipe=_recipe_key(config),
-                   error=summary.get("error", ""),
-                   # the Post 5 hyperparameters as run (studies sweep them as values, not choices)
-                   lr_peak=_lr_peak(config.get("schedule", {})),
-                   momentum=config.get("optim", {}).get("momentum", math.nan),
-                   weight_decay=config.get("optim", {}).get("weight_decay", math.nan),
-                   batch_size=config.get("batch_size", math.nan))
-        row.update({f"choice.{k}": v for k, v in (summary.get("choices") or {}).items()})
-        rows.append(row)
-        curves[row["run"]] = pd.DataFrame(metrics)
+        try:  # a record that parses but holds the wrong shapes or types is skipped, never fatal
+            _check_numbers(summary)
+            config = read_config(run_dir)
+            if config is None:
+                problems.append(f"{run_dir / CONFIG}: missing or unreadable config")
+                config = {}
+            metrics, torn = _read_metrics(run_dir / METRICS)
+            if torn:
+                problems.append(f"{run_dir / METRICS}: a torn line was dropped")
+            ref = config.get("step", {}).get("ref", {})
+            goal = target if target is not None else config.get("target_acc", 94.0)
+            seconds, epochs = _to_target(metrics, goal)
+            timing = ref.get("timing", "with_eval")
+            train_s, eval_s = summary.get("train_seconds", math.nan), summary.get("eval_seconds", math.nan)
+            row = dict(run=str(run_dir.relative_to(root)) if run_dir != Path(root) else ".",
+                       status=summary["status"], step=summary.get("step"), arch=summary.get("arch"),
+                       scale=summary.get("scale"), seed=summary.get("seed"), device=summary.get("device"),
+                       precision_used=summary.get("precision_used"), torch_version=summary.get("torch_version"),
+                       test_acc=summary.get("test_acc", math.nan), epochs=summary.get("epochs", len(metrics)),
+                       train_seconds=train_s, eval_seconds=eval_s,
+                       # the measured time in the convention of the step's published reference
+                       time_s=train_s + eval_s if timing == "with_eval" else train_s, timing=timing,
+                       target=goal, time_to_target=seconds, epochs_to_target=epochs,
+                       ref_time_s=ref.get("time_s"), ref_acc=ref.get("accuracy"),
+                       ref_note=ref.get("accuracy_note", ""), recipe=_recipe_key(config),
+                       error=summary.get("error", ""),
+                       # the Post 5 hyperparameters as run (studies sweep them as values, not choices)
+                       lr_peak=_lr_peak(config.get("schedule", {})),
+                       momentum=config.get("optim", {}).get("momentum", math.nan),
+                       weight_decay=config.get("optim", {}).get("weight_decay", math.nan),
+                       batch_size=config.get("batch_size", math.nan))
+            row.update({f"choice.{k}": v for k, v in (summary.get("choices") or {}).items()})
+            rows.append(row)
+            curves[row["run"]] = pd.DataFrame(metrics)
+        except (AttributeError, TypeError, ValueError, KeyError) as err:
+            problems.append(f"{run_dir}: unusable record ({type(err).__name__}: {err}); skipped")
     runs = pd.DataFrame(rows)
     if len(runs):
         order = {s: i for i, s in enumerate(journey_order())}
@@ -251,7 +265,8 @@ def write_report(root: Path, out: Path, target: float | None = None) -> dict[str
     for p in problems:
         print(f"warning: {p}", file=sys.stderr)
     if runs.empty:
-        raise SystemExit(f"ablate.report: no run records (summary.json) found under {root}")
+        what = "no usable run records" if problems else "no run records (summary.json) found"
+        raise SystemExit(f"ablate.report: {what} under {root}")
     agg = aggregate(runs)
     files = {}
     for name, df in (("runs", runs), ("aggregate", agg)):
