@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from ablate.layers import ShiftedReLU
+from ablate.studies import PANEL_KEYS, _panels
 
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
-PANEL_KEYS = ["scale", "device"]  # a chart never pools scales or devices: one panel each
 
 # Post 7 (journey-facts C), full scale: (LR, train accuracy) the blog quotes, and the no-BN NaN.
 BN_STRESS_BLOG = {"with BN": [(0.905, 85.3), (2.56, 85.0), (28.96, 56.0)], "without BN": [(0.113, 65.9)]}
@@ -50,13 +50,6 @@ def run_label(run: "pd.Series") -> str:
         return RUN_LABELS.get(post7, post7)
     norm = run.get("choice.norm", "?")
     return NORM_LABELS.get(norm, f"norm={norm}")
-
-
-def _panels(n: int, width: float, height: float) -> tuple["Figure", list]:
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
-    return fig, list(axes[0])
 
 
 def _diverged_at(curve: "pd.DataFrame") -> Optional[int]:

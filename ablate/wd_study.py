@@ -17,11 +17,12 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ablate.studies import PANEL_KEYS
+
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
-PANEL_KEYS = ["scale", "device"]  # one row of panels per scale and device, never pooled
 
 
 def run_label(run: "pd.Series") -> str:
