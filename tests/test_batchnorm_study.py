@@ -51,7 +51,10 @@ def test_experiment_composes_the_post_7_settings(order):
         assert cfg.step.id == ("bn_stress" if run.startswith("stress") else "bn_partial")
     bn = compose("stress_bn")
     assert bn.norm.kind == "batch" and bn.norm.frozen_scale and bn.norm.frozen_bias and bn.act.kind == "relu"
-    assert compose("stress_no_bn").norm.kind == "none"
+    no_bn = compose("stress_no_bn")
+    assert (no_bn.norm.kind, no_bn.act.kind, no_bn.arch.init) == ("none", "relu", "he")
+    assert bn.arch.init == "default" and compose("partial_bn").arch.init == "default"
+    assert compose("partial_no_bn").arch.init == "he"
     frozen = compose("stress_frozen_bn")
     assert (frozen.norm.kind, frozen.act.kind, frozen.arch.init) == ("none", "shifted_relu", "he")
     for run, norm, peak, acc in (("partial_bn", "batch", 5.0, 80.7), ("partial_no_bn", "none", 0.2, 83.9)):
