@@ -67,7 +67,7 @@ def plot_bn_stress(runs: "pd.DataFrame", curves: dict[str, "pd.DataFrame"], path
     dotted line its LR; a run that failed otherwise is marked at its last row. The blog's quoted
     points are drawn hollow for comparison. One panel per scale and device."""
     groups = list(runs.groupby(PANEL_KEYS, sort=True))
-    fig, axes = _panels(len(groups), 8, 5.5)
+    fig, axes = _panels(len(groups), 11.5, 5.5)
     for ax, ((scale, device), g) in zip(axes, groups):
         several_seeds = g.seed.nunique() > 1 if "seed" in g else False
         for _, r in g.sort_values("run").iterrows():
@@ -99,9 +99,9 @@ def plot_bn_stress(runs: "pd.DataFrame", curves: dict[str, "pd.DataFrame"], path
         ax.set_title(f"Post 7 LR stress test, simple net ({scale}, {device}): train accuracy vs LR, "
                      "with and without BN", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside: the curves fill the axes
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     return fig
 
 
