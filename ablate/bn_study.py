@@ -134,7 +134,7 @@ def plot_bn_partial(runs: "pd.DataFrame", curves: dict[str, "pd.DataFrame"], pat
             bars.bar(x + offset, values, width=0.4, label=f"measured {name}")
             blog = [BN_PARTIAL_BLOG.get(f[0].split(",")[0], (math.nan, math.nan))[index - 1] for f in finals]
             bars.scatter(x + offset, blog, marker="_", s=400, color="black", zorder=3,
-                         label=f"blog {name} (full scale)" if offset < 0 else "_blog")
+                         label=f"blog {name} (full scale)")
             for xi, v in zip(x + offset, values):
                 bars.text(xi, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
         bars.set_xticks(x, [f[0] for f in finals])
