@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ablate.config import AugmentationConfig, LoaderConfig
 from ablate.data import IMAGE_SIZE, normalise, pad_reflect
+from ablate.layers import memory_format_of
 
 # Images per chunk when the per-image dataset preprocesses the whole set once; bounds the float
 # temporaries to a few hundred MB instead of twice the padded set.
@@ -151,9 +152,7 @@ def augment_batch(x: Tensor, choices: Choices, cutout: int) -> Tensor:
         in_y = (ar >= c.cut_y[:, None]) & (ar < c.cut_y[:, None] + cutout)
         in_x = (ar >= c.cut_x[:, None]) & (ar < c.cut_x[:, None] + cutout)
         out = out.masked_fill(in_y[:, None, :, None] & in_x[:, None, None, :], 0)
-    # Hand back the memory layout the caller chose (channels_last for a channels_last model).
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return out.contiguous(memory_format=memory_format_of(x))  # the layout the caller chose
 
 
 def device_epoch(x_padded: Tensor, y: Tensor, aug: AugmentationConfig, batch_size: int, drop_last: bool,

@@ -43,9 +43,8 @@ from tqdm import tqdm
 from ablate import augment, data
 from ablate import train as engine
 from ablate.config import PRECISIONS, validate
-from ablate.layers import Whitening
 from ablate.optim import make_optimizer, set_lr, to_torch_units
-from ablate.run import CONF_DIR, quote_numeric_choices
+from ablate.run import CONF_DIR, cpu_count, quote_numeric_choices
 
 COMPARISONS = ("aug", "step", "engine", "startup")
 AUG_TARGET = 10.0  # the issue's acceptance target: batched path >= 10x the per-image path
@@ -205,7 +204,7 @@ def environment(s: Settings, device: torch.device) -> dict[str, Any]:
         host=platform.node(),
         cpu=cpu_model(),
         cpu_count=os.cpu_count(),
-        cpus_usable=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        cpus_usable=cpu_count(),
         torch_threads=torch.get_num_threads(),
         # Other work on the machine disturbs every figure; the 1-minute load before the bench shows it.
         load_average=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
@@ -227,15 +226,6 @@ def timed(device: torch.device, work: Callable[[], Any]) -> tuple[float, Any]:
 
 def ratio(a: float, b: float) -> float:
     return a / b if b > 0 else float("nan")
-
-
-def memory_format(channels_last: bool) -> torch.memory_format:
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> torch.autocast:
-    """Autocast to ``dtype`` on the device, or a no-op context when the precision uses none."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -344,11 +334,11 @@ def time_train_steps(cfg: DictConfig, device: torch.device, steps: int, warmup: 
     set_lr(optimizer, BARE_LR, cfg.batch_size)
     criterion = engine.loss_fn(cfg.loss)
     x = torch.randn(cfg.batch_size, 3, 32, 32, device=device).to(precision.param_dtype)
-    x = x.contiguous(memory_format=memory_format(cfg.precision.channels_last))
+    x = engine.to_memory_format(x, cfg.precision.channels_last)
     y = torch.randint(0, 10, (cfg.batch_size,), device=device)
 
     def step() -> Tensor:
-        with autocast(device, precision.autocast):
+        with engine.autocast(device, precision.autocast):
             loss = criterion(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -433,21 +423,6 @@ def run_engine(cfg: DictConfig) -> dict[str, Any]:
                 images_per_s_with_prep=images / results["train_seconds"], final_loss=results["train_loss"])
 
 
-def prepared_training_set(images: data.Images, cfg: DictConfig, device: torch.device,
-                          dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The training subset normalised, reflect-padded and on the device, as the engine's device
-    loader holds it; the bare loop gets it ready-made (its preparation is not timed)."""
-    x = data.pad_reflect(data.normalise(images.train_x.to(device)).to(dtype), cfg.augmentation.crop_pad)
-    return x, images.train_y.to(device)
-
-
-def fit_whitening(model: nn.Module, images: data.Images, device: torch.device) -> None:
-    """Fit a whitening stem on the images the engine fits it on, so both loops run the same network."""
-    for m in model.modules():
-        if isinstance(m, Whitening):
-            m.fit(data.normalise(images.train_x[:engine.WHITENING_IMAGES].to(device)))
-
-
 def bare_loop(model: nn.Module, x_padded: Tensor, y: Tensor, batch_size: int, steps: int, pad: int,
               autocast_dtype: Optional[torch.dtype], channels_last: bool, weight_decay: float = 5e-4,
               lr: float = BARE_LR) -> list[Tensor]:
@@ -463,8 +438,8 @@ def bare_loop(model: nn.Module, x_padded: Tensor, y: Tensor, batch_size: int, st
         dy, dx = random.randint(0, 2 * pad), random.randint(0, 2 * pad)  # host RNG: no device sync
         xb = x_padded[idx, :, dy:dy + 32, dx:dx + 32]
         xb = torch.where(torch.rand(len(idx), 1, 1, 1, device=xb.device) < 0.5, xb.flip(3), xb)
-        xb = xb.contiguous(memory_format=memory_format(channels_last))
-        with autocast(xb.device, autocast_dtype):
+        xb = engine.to_memory_format(xb, channels_last)
+        with engine.autocast(xb.device, autocast_dtype):
             loss = F.cross_entropy(model(xb).float(), y[idx], reduction="sum")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -481,8 +456,9 @@ def time_bare_loop(cfg: DictConfig, device: torch.device, steps: int, warmup: in
     random.seed(cfg.seed)
     model = engine.build_network(cfg, precision, device)
     images = data.take_subset(data.load_images(cfg.data), cfg.scale)  # the engine's subset
-    fit_whitening(model, images, device)
-    x, y = prepared_training_set(images, cfg, device, precision.param_dtype)
+    # The engine's network and data, prepared as the engine prepares them; not timed for the bare loop.
+    engine.fit_whitening(model, images, device)
+    x, y = engine.resident_training_set(images, cfg.augmentation.crop_pad, device, precision.param_dtype)
     args = (x, y, cfg.batch_size)
     kwargs = dict(pad=cfg.augmentation.crop_pad, autocast_dtype=precision.autocast,
                   channels_last=cfg.precision.channels_last, weight_decay=cfg.optim.weight_decay)

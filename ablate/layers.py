@@ -58,11 +58,12 @@ class GhostBatchNorm(nn.BatchNorm2d):
         # reshape, not view: a channels_last input cannot be viewed with C and the split index merged.
         y = F.batch_norm(x.reshape(n // s, c * s, h, w), self.running_mean, self.running_var,
                          self.weight.repeat(s), self.bias.repeat(s), True, momentum, self.eps)
-        return y.reshape(n, c, h, w).contiguous(memory_format=_memory_format(x))
+        # A channels_last activation stays channels_last after the reshape: the next conv does not pay for it.
+        return y.reshape(n, c, h, w).contiguous(memory_format=memory_format_of(x))
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    # Keep a channels_last activation channels_last after the reshape, so the next conv does not pay for it.
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """channels_last for a channels_last tensor (not also contiguous), else contiguous_format."""
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     return torch.channels_last if channels_last else torch.contiguous_format
 

@@ -173,14 +173,14 @@ class EMA:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tta_flip: bool,
-             channels_last: bool, autocast: torch.dtype | None) -> tuple[float, float]:
+             channels_last: bool, autocast_dtype: torch.dtype | None) -> tuple[float, float]:
     """Test loss (mean cross-entropy) and accuracy (percent) over the whole test set."""
     was_training = model.training
     model.eval()
     loss, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
     for i in range(0, len(x), EVAL_BATCH):
-        xb, yb = _prepare(x[i:i + EVAL_BATCH], channels_last), y[i:i + EVAL_BATCH]
-        with _autocast(x.device, autocast):
+        xb, yb = to_memory_format(x[i:i + EVAL_BATCH], channels_last), y[i:i + EVAL_BATCH]
+        with autocast(x.device, autocast_dtype):
             logits = predict(model, xb, tta_flip)
         loss += F.cross_entropy(logits, yb, reduction="sum")
         correct += (logits.argmax(1) == yb).sum()
@@ -188,12 +188,28 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tta_flip: bool,
     return loss.item() / len(x), 100.0 * correct.item() / len(x)
 
 
-def _prepare(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``x`` in the memory format the model runs in (``precision.channels_last``)."""
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on ``device``, or a no-op context when the precision uses none."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def resident_training_set(images: data.Images, pad: int, device: torch.device,
+                          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training set as the device path holds it: normalised, reflect-padded by ``pad``, on the device."""
+    x = data.pad_reflect(data.normalise(images.train_x.to(device)).to(dtype), pad)
+    return x, images.train_y.to(device)
+
+
+def fit_whitening(model: nn.Module, images: data.Images, device: torch.device) -> None:
+    """Fit every whitening layer on the first WHITENING_IMAGES normalised training images (new_dawn.py)."""
+    for m in model.modules():
+        if isinstance(m, Whitening):
+            m.fit(data.normalise(images.train_x[:WHITENING_IMAGES].to(device)))
 
 
 def _warm_up(model: nn.Module, train_model: nn.Module, batch_size: int, device: torch.device,
@@ -204,8 +220,8 @@ def _warm_up(model: nn.Module, train_model: nn.Module, batch_size: int, device: 
     start = time.perf_counter()
     x = torch.randn(batch_size, 3, 32, 32, device=device, dtype=precision.param_dtype)
     y = torch.randint(0, 10, (batch_size,), device=device)
-    with _autocast(device, precision.autocast):
-        loss_fn(LossConfig())(train_model(_prepare(x, channels_last)), y).backward()
+    with autocast(device, precision.autocast):
+        loss_fn(LossConfig())(train_model(to_memory_format(x, channels_last)), y).backward()
     sync(device)
     model.zero_grad(set_to_none=True)
     model.load_state_dict(state)
@@ -216,8 +232,7 @@ def _batches(cfg, images: data.Images, device: torch.device, dtype: torch.dtype,
              generator: torch.Generator) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
     """Preprocess the training set for the configured loader; return a factory of epoch iterators."""
     if cfg.loader.kind == "device":
-        x = data.pad_reflect(data.normalise(images.train_x.to(device)).to(dtype), cfg.augmentation.crop_pad)
-        y = images.train_y.to(device)
+        x, y = resident_training_set(images, cfg.augmentation.crop_pad, device, dtype)
         return lambda: augment.device_epoch(x, y, cfg.augmentation, cfg.batch_size, cfg.loader.drop_last,
                                             generator, cfg.loader.max_options)
     dataset = augment.PerImageDataset(images.train_x, images.train_y, cfg.augmentation, cfg.loader)
@@ -271,9 +286,7 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
     epoch_batches = _batches(cfg, images, device, precision.param_dtype, generator)
     test_x = data.normalise(images.test_x.to(device)).to(precision.param_dtype)
     test_y = images.test_y.to(device)
-    for m in model.modules():
-        if isinstance(m, Whitening):  # inside the timed region, as in new_dawn.py
-            m.fit(data.normalise(images.train_x[:WHITENING_IMAGES].to(device)))
+    fit_whitening(model, images, device)  # inside the timed region, as in new_dawn.py
     sync(device)
     prep_seconds = time.perf_counter() - start
 
@@ -299,8 +312,8 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
             # The LR at the end of this step's share of the epoch, as the 2019 code counts steps.
             lr = lr_at(epoch + (i + 1) / n_steps)
             set_lr(optimizer, lr, cfg.batch_size)
-            with _autocast(device, precision.autocast):
-                logits = train_model(_prepare(x, cfg.precision.channels_last))
+            with autocast(device, precision.autocast):
+                logits = train_model(to_memory_format(x, cfg.precision.channels_last))
                 loss = criterion(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
