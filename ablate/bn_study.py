@@ -52,6 +52,12 @@ def run_label(run: "pd.Series") -> str:
     return NORM_LABELS.get(norm, f"norm={norm}")
 
 
+def _line_label(run: "pd.Series", panel: "pd.DataFrame") -> str:
+    """``run_label``, plus the seed when the panel holds several seeds of a run."""
+    several_seeds = "seed" in panel and panel.seed.nunique() > 1
+    return run_label(run) + (f", seed {run['seed']}" if several_seeds else "")
+
+
 def _diverged_at(curve: "pd.DataFrame") -> Optional[int]:
     """Index of the first row whose train loss is not finite (the epoch ``Diverged`` stopped at)."""
     if "train_loss" not in curve:
@@ -69,12 +75,11 @@ def plot_bn_stress(runs: "pd.DataFrame", curves: dict[str, "pd.DataFrame"], path
     groups = list(runs.groupby(PANEL_KEYS, sort=True))
     fig, axes = _panels(len(groups), 11.5, 5.5)
     for ax, ((scale, device), g) in zip(axes, groups):
-        several_seeds = g.seed.nunique() > 1 if "seed" in g else False
         for _, r in g.sort_values("run").iterrows():
             curve = curves.get(r["run"])
             if curve is None or curve.empty or not {"lr", "train_acc"} <= set(curve):
                 continue
-            label = run_label(r) + (f", seed {r['seed']}" if several_seeds else "")
+            label = _line_label(r, g)
             stop = _diverged_at(curve)
             shown = curve if stop is None else curve.iloc[:stop + 1]
             (line,) = ax.plot(shown.lr, shown.train_acc, marker="o", markersize=3, label=label)
@@ -118,7 +123,7 @@ def plot_bn_partial(runs: "pd.DataFrame", curves: dict[str, "pd.DataFrame"], pat
             curve = curves.get(r["run"])
             if curve is None or curve.empty or not {"train_acc", "test_acc"} <= set(curve):
                 continue
-            label = run_label(r) + (f", seed {r['seed']}" if g.seed.nunique() > 1 else "")
+            label = _line_label(r, g)
             (line,) = ax.plot(curve.epoch, curve.train_acc, marker="o", markersize=3, label=f"{label} train")
             ax.plot(curve.epoch, curve.test_acc, "--", marker="o", markersize=3, color=line.get_color(),
                     label=f"{label} test")

@@ -196,9 +196,9 @@ def read_outcomes(sweep_dir: Path) -> list[dict]:
     return sorted(outcomes, key=lambda o: (len(str(o.get("job"))), str(o.get("job"))))  # 2 before 10
 
 
-def summarise_sweep(sweep_dir: Path) -> tuple[list[str], int]:
-    """The closing lines of a sweep (what this invocation's jobs did, then each failure) and the number
-    of failed jobs. Records left 'running' by a killed job are counted as incomplete."""
+def summarise_sweep(sweep_dir: Path) -> tuple[list[str], list[dict]]:
+    """The closing lines of a sweep (what this invocation's jobs did, then each failure) and the
+    outcomes of the failed jobs. Records left 'running' by a killed job are counted as incomplete."""
     outcomes = read_outcomes(sweep_dir)
     count = {s: sum(o.get("status") == s for o in outcomes) for s in ("completed", "failed", "skipped")}
     accounted = {str(Path(o["run_dir"]).resolve()) for o in outcomes if o.get("run_dir")}
@@ -210,12 +210,12 @@ def summarise_sweep(sweep_dir: Path) -> tuple[list[str], int]:
     if incomplete:
         line += f"; {len(incomplete)} other run(s) left incomplete (status running: killed?)"
     lines = [line]
-    for o in outcomes:
-        if o.get("status") == "failed":
-            error = str(o.get("error", "")).strip().splitlines()
-            lines.append(f"  failed: job {o.get('job')} ({o.get('run_dir', '?')}): {o.get('failure', 'error')}: "
-                         f"{error[0] if error else ''}")
-    return lines, count["failed"]
+    failed = [o for o in outcomes if o.get("status") == "failed"]
+    for o in failed:
+        error = str(o.get("error", "")).strip().splitlines()
+        lines.append(f"  failed: job {o.get('job')} ({o.get('run_dir', '?')}): {o.get('failure', 'error')}: "
+                     f"{error[0] if error else ''}")
+    return lines, failed
 
 
 def writable_dir_problem(path: Path) -> str | None:
@@ -256,10 +256,9 @@ class SweepCallback(Callback):
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        lines, _ = summarise_sweep(sweep_dir)
+        lines, failed = summarise_sweep(sweep_dir)
         print("\n".join(lines), flush=True)
-        if any(o.get("status") == "failed" and o.get("failure") not in self.tolerate
-               for o in read_outcomes(sweep_dir)):
+        if any(o.get("failure") not in self.tolerate for o in failed):
             sys.exit(1)
 
     @staticmethod

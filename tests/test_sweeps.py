@@ -237,7 +237,7 @@ def test_sweep_summary_counts_this_invocations_jobs(tmp_path):
                                           "failure": "diverged", "error": "Diverged: loss nan\nmore"})
     RunRecord(tmp_path / "old", cfg)  # a record some earlier killed job left running
     lines, failed = summarise_sweep(tmp_path)
-    assert failed == 1
+    assert [o["job"] for o in failed] == [10]
     assert lines[0] == (f"ablate sweep {tmp_path}: 4 jobs: 2 completed, 1 failed, 1 skipped (already completed); "
                         "1 other run(s) left incomplete (status running: killed?)")
     assert lines[1:] == [f"  failed: job 10 ({tmp_path / '2'}): diverged: Diverged: loss nan"]
