@@ -19,10 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from ablate.config import ActConfig, ArchConfig, NormConfig
-from ablate.layers import WHITEN_CHANNELS, Whitening, make_act, make_norm
+from ablate.layers import WHITEN_CHANNELS, Whitening, make_act, make_norm, unfitted_allowed
 
 NormLayer = Callable[[int], nn.Module]
-ActLayer = Callable[[], nn.Module]
+ActLayer = Callable[..., nn.Module]  # act_layer(inplace=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ class PreActBlock(nn.Module):
         super().__init__()
         self.norm1, self.act1 = norm_layer(c_in), act_layer()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, padding=1, bias=False)
-        self.norm2, self.act2 = norm_layer(c_out), act_layer()
+        self.norm2, self.act2 = norm_layer(c_out), act_layer(inplace=True)  # on norm2's fresh output
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, padding=1, bias=False)
         changes_shape = stride != 1 or c_in != c_out
         self.projection = nn.Conv2d(c_in, c_out, 1, stride, bias=False) if changes_shape else None
@@ -180,7 +180,8 @@ def _build_conv(block: Block, c_in: int, c_out: int, ctx: _Ctx) -> nn.Module:
 
 
 def _build_conv_bn(block: Block, c_in: int, c_out: int, ctx: _Ctx) -> nn.Module:
-    layers = [("conv", _conv(c_in, c_out, block)), ("norm", ctx.norm(c_out)), ("act", ctx.act())]
+    # In place: the act's input is the norm's output (or the conv's, without a norm), read by nothing else.
+    layers = [("conv", _conv(c_in, c_out, block)), ("norm", ctx.norm(c_out)), ("act", ctx.act(inplace=True))]
     if block.pool:
         # Pooling before the norm normalises a 4x smaller tensor (A3 8.2b): same op, cheaper.
         layers.insert(1 if ctx.spec.pool_before_norm else 3, ("pool", nn.MaxPool2d(block.pool)))
@@ -359,7 +360,7 @@ def count_macs(model: nn.Module, image_size: int = 32) -> int:
     was_training = model.training
     try:
         model.eval()  # one image: batch statistics (and ghost-BN splits) would not make sense
-        with torch.no_grad():
+        with torch.no_grad(), unfitted_allowed(model):  # only shapes count
             model(torch.zeros(1, 3, image_size, image_size, device=reference.device, dtype=reference.dtype))
     finally:
         model.train(was_training)
@@ -394,13 +395,15 @@ def _preact18(name: str, prep_norm_act: bool, description: str) -> NetSpec:
 
 
 def _shortest_path_repeat() -> NetSpec:
-    """4_1: B1 (with its prep BN-ReLU) with every residual branch removed.
+    """4_1: the step-3 network (B1 without its prep BN-ReLU) with every residual branch removed:
+    115,786 trainable parameters.
 
     With Page's activated identity (E6) a block without its branch is its pre-activation, and a
-    downsampling block the 1x1 stride-2 projection after it.
+    downsampling block the 1x1 stride-2 projection after it. The prep is a plain conv, as in B2 and
+    Page's EXP18 notebook (``DAWN_net(block=shortcut_block)``): the first BN-ReLU is block 1's own.
     """
-    # Open in the facts (B2/A2): 4_1's exact BN-ReLU layout. Chosen: one per removed B1 block, back to back.
-    blocks = [("prep", Block("conv_bn", B1_WIDTHS[0]))]
+    # One BN-ReLU per removed B1 block, back to back (B2: "at each block, BN-ReLU").
+    blocks = [("prep", Block("conv", B1_WIDTHS[0]))]
     for stage, width in enumerate(B1_WIDTHS, 1):
         for i in range(2):
             blocks.append((f"layer{stage}_block{i}", Block("norm_act")))
