@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ablate.config import AugmentationConfig, LoaderConfig
 from ablate.data import IMAGE_SIZE, normalise, pad_reflect
-from ablate.layers import memory_format_of
+from ablate.device import memory_format_of
 
 # Images per chunk when the per-image dataset preprocesses the whole set once; bounds the float
 # temporaries to a few hundred MB instead of twice the padded set.

@@ -8,14 +8,16 @@ ghost BN or CELU is a config switch, not an edit of every block.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from functools import partial
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ablate.config import ActConfig, NormConfig
+from ablate.device import memory_format_of
 
 WHITEN_CHANNELS = 27  # 3 colour channels x 3 x 3 patch: the whitening conv's fixed output width
 
@@ -23,8 +25,9 @@ WHITEN_CHANNELS = 27  # 3 colour channels x 3 x 3 patch: the whitening conv's fi
 class GhostBatchNorm(nn.BatchNorm2d):
     """Batch norm that normalises ``splits`` parts of each training batch by their own statistics (A3 8.5).
 
-    As in cifar10-fast, an N x C x H x W batch is reshaped to (N/S) x (C*S) x H x W, so one call of
-    ``F.batch_norm`` normalises every split at once: sample n falls in split ``n % S``. Running statistics
+    As in cifar10-fast, an N x C x H x W batch is viewed as (N/S) x (C*S) x H x W, so one call of
+    ``F.batch_norm`` normalises every split at once: sample n falls in split ``n % S``. A channels_last
+    batch, which cannot be viewed so, takes ``_GhostNormNHWC`` instead: same groups, no copy. Running statistics
     are therefore kept per split (C*S entries) and averaged over the splits for evaluation. Averaging at
     evaluation time, instead of overwriting the buffers when switching to eval as cifar10-fast does, keeps
     ``eval()`` free of side effects (an EMA copy of the state stays consistent). With ``splits=1`` this is
@@ -55,17 +58,71 @@ class GhostBatchNorm(nn.BatchNorm2d):
                              "use a batch size divisible by norm.splits (and drop the last partial batch)")
         self.num_batches_tracked.add_(1)
         momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        # reshape, not view: a channels_last input cannot be viewed with C and the split index merged.
-        y = F.batch_norm(x.reshape(n // s, c * s, h, w), self.running_mean, self.running_var,
+        if memory_format_of(x) == torch.channels_last:
+            # An NHWC tensor cannot be viewed with C and the split index merged (a reshape would copy
+            # every activation twice): the splits are normalised in place of the view instead.
+            return _GhostNormNHWC.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                        s, momentum, self.eps)
+        y = F.batch_norm(x.view(n // s, c * s, h, w), self.running_mean, self.running_var,
                          self.weight.repeat(s), self.bias.repeat(s), True, momentum, self.eps)
-        # A channels_last activation stays channels_last after the reshape: the next conv does not pay for it.
-        return y.reshape(n, c, h, w).contiguous(memory_format=memory_format_of(x))
+        return y.view(n, c, h, w)
 
 
-def memory_format_of(x: Tensor) -> torch.memory_format:
-    """channels_last for a channels_last tensor (not also contiguous), else contiguous_format."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    """Statistics in fp32 at least (fp64 for an fp64 input), whatever the activations' dtype."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+class _GhostNormNHWC(torch.autograd.Function):
+    """Ghost BN's training pass for a channels_last batch, without a copy into NCHW.
+
+    The statistics come from the (N/S, S, C, H, W) view, which an NHWC tensor allows: every (split,
+    channel) group has its own, the same groups as the NCHW path's (sample n in split n % S, running
+    statistics at index split * C + channel). They are then laid out per sample, (N, C, 1, 1), so that
+    the output and the input gradient are each one fused multiply-add in the input's own layout.
+    Forward and backward are the textbook batch-norm formulas.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
+                splits: int, momentum: float, eps: float) -> Tensor:
+        n, c, h, w = x.shape
+        var, mean = torch.var_mean(x.view(n // splits, splits, c, h, w), dim=(0, 3, 4), correction=0)  # S x C
+        count = n // splits * h * w
+        with torch.no_grad():
+            running_mean.lerp_(mean.flatten().to(running_mean.dtype), momentum)
+            running_var.lerp_(var.flatten().to(running_var.dtype) * (count / max(count - 1, 1)), momentum)
+        invstd = torch.rsqrt(var.to(_stat_dtype(x)) + eps)
+        scale = weight * invstd
+        shift = bias - mean * scale
+        ctx.save_for_backward(x, mean, invstd, weight)
+        ctx.splits = splits
+        return torch.addcmul(_per_sample(shift, n, x.dtype), x, _per_sample(scale, n, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, mean, invstd, weight = ctx.saved_tensors
+        n, c, h, w = x.shape
+        s = ctx.splits
+        count = n // s * h * w
+
+        def group_sum(t: Tensor) -> Tensor:  # per (split, channel), S x C
+            return t.reshape(n // s, s, c, h, w).sum((0, 3, 4), dtype=_stat_dtype(x))
+
+        sum_g = group_sum(grad)
+        sum_g_xhat = (group_sum(grad * x) - mean * sum_g) * invstd  # sum of grad * x_hat per group
+        a = weight * invstd
+        b = -a * invstd * sum_g_xhat / count
+        offset = -b * mean - a * sum_g / count
+        # dx = a * (g - mean(g) - x_hat * mean(g * x_hat)) = a * g + b * x + offset, per group
+        dx = torch.addcmul(_per_sample(offset, n, x.dtype), x, _per_sample(b, n, x.dtype))
+        dx.addcmul_(grad, _per_sample(a, n, x.dtype))
+        return dx, sum_g_xhat.sum(0).to(weight.dtype), sum_g.sum(0).to(weight.dtype), None, None, None, None, None
+
+
+def _per_sample(stat: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    """An S x C per-group statistic as N x C x 1 x 1, sample n taking its split's (n % S) row."""
+    return stat.to(dtype).repeat(n // stat.shape[0], 1)[:, :, None, None]
 
 
 def _batch_norm(cfg: NormConfig, num_features: int) -> nn.Module:
@@ -128,15 +185,15 @@ def make_norm(cfg: NormConfig) -> Callable[[int], nn.Module]:
     return partial(_build_norm, cfg)
 
 
-def _relu(cfg: ActConfig) -> nn.Module:
-    return nn.ReLU()
+def _relu(cfg: ActConfig, inplace: bool = False) -> nn.Module:
+    return nn.ReLU(inplace)
 
 
-def _celu(cfg: ActConfig) -> nn.Module:
-    return nn.CELU(cfg.alpha)
+def _celu(cfg: ActConfig, inplace: bool = False) -> nn.Module:
+    return nn.CELU(cfg.alpha, inplace)
 
 
-def _softplus(cfg: ActConfig) -> nn.Module:
+def _softplus(cfg: ActConfig, inplace: bool = False) -> nn.Module:
     return nn.Softplus(beta=cfg.beta, threshold=cfg.threshold)
 
 
@@ -155,11 +212,13 @@ class ShiftedReLU(nn.Module):
         return (F.relu(x) - self.SHIFT) * self.SCALE
 
 
-def _shifted_relu(cfg: ActConfig) -> nn.Module:
+def _shifted_relu(cfg: ActConfig, inplace: bool = False) -> nn.Module:
     return ShiftedReLU()
 
 
-ACT_LAYERS: dict[str, Callable[[ActConfig], nn.Module]] = {
+# Each builder takes ``inplace``: ReLU and CELU may then overwrite their input, as the reference code's
+# nn.ReLU(True) does, which saves one activation-sized block per layer (forward and backward).
+ACT_LAYERS: dict[str, Callable[..., nn.Module]] = {
     "relu": _relu,
     "celu": _celu,
     "softplus": _softplus,
@@ -167,23 +226,26 @@ ACT_LAYERS: dict[str, Callable[[ActConfig], nn.Module]] = {
 }
 
 
-def make_act(cfg: ActConfig) -> Callable[[], nn.Module]:
-    """Factory ``act_layer()`` for the activation described by ``cfg``."""
+def make_act(cfg: ActConfig) -> Callable[..., nn.Module]:
+    """Factory ``act_layer(inplace=False)`` for the activation described by ``cfg``. A block asks for
+    ``inplace=True`` only where the input is a fresh tensor nothing else reads (a norm's or a conv's
+    output), never on a block's own input."""
     return partial(_lookup(ACT_LAYERS, cfg.kind, "act.kind"), cfg)
 
 
-def _patch_second_moment(images: Tensor, chunk: int = 256) -> Tensor:
+def _patch_second_moment(images: Tensor, chunk: int = 64) -> Tensor:
     """27 x 27 uncentred second-moment matrix X^T X / (n-1) of all stride-1 3x3 patches, in float64.
 
-    Accumulated over chunks of images: the patches of 10k images are 243M numbers, 2 GB in float64.
+    Each chunk of images is multiplied in float32 (fp64 convolutions and matmuls run 32-64x slower on
+    consumer GPUs) and the chunks are summed in float64, so the error stays that of one chunk's sum.
     ``F.unfold`` orders a patch channel-major (c, dy, dx), the same order as a conv weight's (3, 3, 3).
     """
     total = torch.zeros(WHITEN_CHANNELS, WHITEN_CHANNELS, dtype=torch.float64, device=images.device)
     count = 0
     for part in images.split(chunk):
-        x = F.unfold(part.to(torch.float64), kernel_size=3)  # n x 27 x positions
+        x = F.unfold(part.float(), kernel_size=3)  # n x 27 x positions
         x = x.transpose(1, 2).reshape(-1, x.shape[1])
-        total += x.T @ x
+        total += (x.T @ x).double()
         count += x.shape[0]
     return total / (count - 1)
 
@@ -194,47 +256,62 @@ def patch_whitening_filter(images: Tensor, eps: float) -> Tensor:
     ``images`` are normalised N x 3 x H x W. Filter k is eigenvector k of the patches' uncentred second
     moment divided by sqrt(lambda_k + eps), so the filtered patches have second moment
     diag(lambda / (lambda + eps)): about the identity, with eps damping the noisy small-eigenvalue directions.
-    Filters are ordered by decreasing eigenvalue, as in cifar10-fast.
+    Filters are ordered by decreasing eigenvalue, as in cifar10-fast. The 27 x 27 eigendecomposition
+    runs on the CPU, where it takes microseconds; on CUDA it would load cuSOLVER inside the timed region.
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"patch whitening expects N x 3 x H x W images, got shape {tuple(images.shape)}")
-    eigenvalues, eigenvectors = torch.linalg.eigh(_patch_second_moment(images))
+    eigenvalues, eigenvectors = torch.linalg.eigh(_patch_second_moment(images).cpu())
     filters = eigenvectors.T.flip(0) / torch.sqrt(eigenvalues.flip(0) + eps)[:, None]
     return filters.reshape(WHITEN_CHANNELS, 3, 3, 3).to(torch.float32)
-
-
-def _patch_identity() -> Tensor:
-    # Before ``fit`` the layer just lays out each 3x3x3 patch as 27 channels (an im2col), so an
-    # unfitted network still runs sensibly.
-    return torch.eye(WHITEN_CHANNELS).reshape(WHITEN_CHANNELS, 3, 3, 3)
 
 
 class Whitening(nn.Module):
     """Fixed 3x3 conv 3 -> 27 (padding 1, no bias) whose filters whiten the input's patches (A3 8.7).
 
     The weight is a buffer, not a parameter: it is never trained, not counted as trainable, and moves
-    with ``.to()`` and ``state_dict`` like any buffer. Call ``fit`` with (a subset of) the normalised
-    training images before training; new_dawn.py uses the first 10,000 and times it with training.
+    with ``.to()`` and ``state_dict`` like any buffer. Call ``fit`` with (a sample of) the normalised
+    training images before training, as new_dawn.py does inside the timed region. Until then the layer
+    refuses to run: an unfitted whitening would silently train a different network.
     """
 
     def __init__(self, eps: float = 1e-2) -> None:
         super().__init__()
         self.eps = eps
-        self.register_buffer("weight", _patch_identity())
+        self.fitted = False
+        self.register_buffer("weight", torch.zeros(WHITEN_CHANNELS, 3, 3, 3))
 
     def extra_repr(self) -> str:
-        return f"3, {WHITEN_CHANNELS}, kernel_size=(3, 3), padding=1, eps={self.eps}"
+        return f"3, {WHITEN_CHANNELS}, kernel_size=(3, 3), padding=1, eps={self.eps}, fitted={self.fitted}"
 
     @torch.no_grad()
     def fit(self, images: Tensor) -> None:
         filters = patch_whitening_filter(images.to(self.weight.device), self.eps)
-        self.weight.copy_(filters.to(self.weight.dtype))
+        self.weight.copy_(filters.to(self.weight.device, self.weight.dtype), non_blocking=True)
+        self.fitted = True
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.fitted:
+            raise RuntimeError("Whitening layer used before fit(): fit it on the normalised training images "
+                               "first (ablate.train.fit_whitening)")
         return F.conv2d(x, self.weight.to(x.dtype), padding=1)
+
+
+@contextmanager
+def unfitted_allowed(model: nn.Module) -> Iterator[None]:
+    """Let ``model``'s unfitted whitening layers run (with zero filters) inside the block, for passes
+    whose numbers do not matter: counting MACs, warming up kernels before the timer."""
+    unfitted = [m for m in model.modules() if isinstance(m, Whitening) and not m.fitted]
+    for m in unfitted:
+        m.fitted = True
+    try:
+        yield
+    finally:
+        for m in unfitted:
+            m.fitted = False
 
 
 __all__ = [
     "ACT_LAYERS", "GhostBatchNorm", "NORM_LAYERS", "SCALE_INITS", "ShiftedReLU", "WHITEN_CHANNELS", "Whitening",
-    "make_act", "make_norm", "patch_whitening_filter",
+    "make_act", "make_norm", "patch_whitening_filter", "unfitted_allowed",
 ]

@@ -1,13 +1,15 @@
 """Ghost BN against BN and a manual per-split reference; norm/act registries; patch whitening."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ablate.config import NORM_KINDS, ACT_KINDS, ActConfig, NormConfig
-from ablate.layers import ACT_LAYERS, NORM_LAYERS, GhostBatchNorm, Whitening, make_act, make_norm, \
+from ablate.layers import ACT_LAYERS, NORM_LAYERS, GhostBatchNorm, Whitening, unfitted_allowed, make_act, make_norm, \
     patch_whitening_filter
 
 C = 6
@@ -81,6 +83,28 @@ def test_ghost_bn_gives_the_same_output_for_channels_last_input() -> None:
     y = ghost(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(y, expected)
     assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_ghost_bn_channels_last_path_matches_nchw_in_gradients_and_running_statistics() -> None:
+    """The NHWC path (no copy into NCHW) is the same layer: the same gradients for the input, the
+    scales and the biases, and the same running statistics, to fp64 round-off."""
+    nchw = GhostBatchNorm(C, splits=4).double()
+    _randomise_affine(nchw)
+    nhwc = copy.deepcopy(nchw)
+    x = (_batch().double() * 3 + 1)
+    grad = torch.randn_like(x)
+    inputs = [x.clone().requires_grad_(), x.contiguous(memory_format=torch.channels_last).requires_grad_()]
+    for layer, inp in zip((nchw, nhwc), inputs):
+        (layer(inp) * grad).sum().backward()
+    assert inputs[1].grad.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(inputs[1].grad, inputs[0].grad)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(nhwc, name).grad, getattr(nchw, name).grad)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(nhwc, name), getattr(nchw, name))
+    layer = copy.deepcopy(nchw)
+    assert torch.autograd.gradcheck(lambda t, w, b: layer(t.contiguous(memory_format=torch.channels_last)),
+                                    (x[:8, :, :3, :3].clone().requires_grad_(), layer.weight, layer.bias))
 
 
 def test_ghost_bn_accepts_half_input_when_the_layer_is_fp32() -> None:
@@ -187,9 +211,12 @@ def test_whitening_layer_is_a_fixed_conv_with_a_buffer() -> None:
     layer = Whitening(eps=1e-2)
     assert list(layer.parameters()) == [] and "weight" in dict(layer.named_buffers())
     images = _correlated_images(8)
-    # Unfitted it lays out each patch as 27 channels (an im2col).
-    torch.testing.assert_close(layer(images)[:, :, 1:-1, 1:-1],
-                               F.unfold(images, 3).reshape(8, 27, 30, 30))
+    # Unfitted it refuses to run: it would silently train another network.
+    with pytest.raises(RuntimeError, match="before fit"):
+        layer(images)
+    with unfitted_allowed(layer):  # for shape-only passes (MAC counting, warm-up)
+        assert layer(images).shape == (8, 27, 32, 32)
+    assert not layer.fitted
     layer.fit(images)
     torch.testing.assert_close(layer.weight, patch_whitening_filter(images, 1e-2))
     out = layer(images)
