@@ -11,6 +11,7 @@ both, in one place, to the per-example LR on a summed loss that the reference co
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -28,6 +29,8 @@ STEMS = ("conv", "whiten")
 SHORTCUTS = ("activated", "input")
 DATA_SOURCES = ("auto", "folder", "cifar10", "synthetic")
 TIMINGS = ("with_eval", "train_only")
+UPDATES = ("torch", "page2019")
+CPU_HALF = ("fp32", "bf16")
 
 
 @dataclass
@@ -78,7 +81,14 @@ class PrecisionConfig:
     # with BN kept in fp32 (Post 3 on); bf16: autocast with fp32 weights. No fp32 master weights for
     # fp16, as in the blog (A3: master weights cost ~1 s and changed nothing).
     name: str = "fp16_bn32"
-    channels_last: bool = False
+    # Memory layout: None picks the device's fast one (CPU: channels_last, which oneDNN's convolutions
+    # run natively; CUDA: NCHW as published). true / false force it. The numbers do not change.
+    channels_last: Optional[bool] = None
+    # What fp16 and fp16_bn32 run as on a CPU, which has no fast fp16: 'fp32' or 'bf16' (autocast).
+    # The record's precision_used says which ran.
+    cpu_half: str = "fp32"
+    # CUDA only: allow TF32 in matmuls and cuDNN convolutions. Off, so that fp32 means fp32.
+    tf32: bool = False
 
 
 @dataclass
@@ -114,6 +124,11 @@ class ScheduleConfig:
 class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = True
+    # 'torch': torch.optim.SGD (the 2018 code of Posts 1-4). 'page2019': the 2019 code's Nesterov step
+    # (torch_backend.nesterov_update), whose momentum buffer holds LR-scaled steps; it differs from
+    # torch's whenever the LR changes, i.e. at every step of a piecewise-linear schedule
+    # (journey-facts 0.2). The Post 8 steps use it, as the code behind the 26 s result did.
+    update: str = "torch"
     weight_decay: float = 5e-4  # mean-loss units; applied to every trainable parameter (0.2)
     bias_lr_mult: float = 1.0  # BN biases get LR x this (step 8_6: 64) ...
     bias_wd_mult: float = 1.0  # ... and weight decay x this (step 8_6: 1/64)
@@ -221,6 +236,12 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
 
 
+def update_rule(optim: Any) -> str:
+    """``optim.update`` of an OptimConfig or its DictConfig (where the attribute is DictConfig's own
+    ``update`` method, so the key must be read by subscription)."""
+    return optim["update"] if isinstance(optim, Mapping) else optim.update
+
+
 class ConfigError(ValueError):
     """A configuration value that is well-typed but cannot be run."""
 
@@ -251,6 +272,7 @@ def validate(cfg: Any) -> None:
     _one_of(e, "arch.init", cfg.arch.init, INITS)
     _positive(e, "batch_size", cfg.batch_size)
     _one_of(e, "precision.name", cfg.precision.name, PRECISIONS)
+    _one_of(e, "precision.cpu_half", cfg.precision.cpu_half, CPU_HALF)
     _positive(e, "augmentation.crop_pad", cfg.augmentation.crop_pad, allow_zero=True)
     _positive(e, "augmentation.cutout", cfg.augmentation.cutout, allow_zero=True)
     if cfg.augmentation.cutout > 32:
@@ -284,6 +306,11 @@ def validate(cfg: Any) -> None:
         e.append(f"schedule.stop={cfg.schedule.stop} must lie after 0 and not beyond the schedule's "
                  f"last knot ({knots[-1] if knots else None})")
     _positive(e, "optim.momentum", cfg.optim.momentum, allow_zero=True)
+    _one_of(e, "optim.update", update_rule(cfg.optim), UPDATES)
+    if cfg.optim.nesterov and cfg.optim.momentum == 0:
+        e.append("optim.nesterov=true needs optim.momentum > 0 (or set optim.nesterov=false)")
+    if update_rule(cfg.optim) == "page2019" and not cfg.optim.nesterov:
+        e.append("optim.update=page2019 is a Nesterov update: it needs optim.nesterov=true")
     _positive(e, "optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
     _positive(e, "optim.bias_lr_mult", cfg.optim.bias_lr_mult, allow_zero=True)
     _positive(e, "optim.bias_wd_mult", cfg.optim.bias_wd_mult, allow_zero=True)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ablate.config import OptimConfig, ScheduleConfig
+from ablate.config import OptimConfig, ScheduleConfig, update_rule
 from ablate.models import scale_invariant_weights
 
 
@@ -70,8 +70,42 @@ def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
     return groups
 
 
-def make_optimizer(model: nn.Module, optim: OptimConfig, batch_size: int) -> torch.optim.SGD:
+class Page2019SGD(torch.optim.Optimizer):
+    """The 2019 code's Nesterov update (``torch_backend.nesterov_update``, journey-facts 0.2)::
+
+        g = grad + wd * w;   d = -lr * g;   v = momentum * v + d;   w = w + d + momentum * v
+
+    The momentum buffer holds steps already scaled by the LR of their own step, where torch's SGD
+    keeps raw gradients and scales the whole buffer by the current LR (w -= lr * (g + momentum * v)).
+    The two agree while the LR is constant and differ whenever it changes.
+    """
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            steps = [p.grad for p in params]  # overwritten in place: zero_grad(set_to_none) frees them
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:  # the 2019 code starts it at zero
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            if group["weight_decay"]:
+                torch._foreach_add_(steps, params, alpha=group["weight_decay"])
+            torch._foreach_mul_(steps, -group["lr"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, steps)
+            torch._foreach_add_(steps, bufs, alpha=group["momentum"])
+            torch._foreach_add_(params, steps)
+
+
+def make_optimizer(model: nn.Module, optim: OptimConfig, batch_size: int) -> torch.optim.Optimizer:
     """Nesterov SGD in summed-loss units; ``set_lr`` sets each group's LR before every step.
+    ``optim.update`` picks torch's SGD or the 2019 code's update (:class:`Page2019SGD`).
 
     A LARS group keeps its weight decay out of SGD (``lars_wd``): ``lars_rescale_`` folds it into the
     direction before rescaling, so decay turns the weight instead of shrinking its step.
@@ -85,6 +119,8 @@ def make_optimizer(model: nn.Module, optim: OptimConfig, batch_size: int) -> tor
         else:
             g.update(weight_decay=wd * g["wd_mult"])
         groups.append(g)
+    if update_rule(optim) == "page2019":
+        return Page2019SGD(groups, lr=0.0, momentum=optim.momentum, weight_decay=wd)
     return torch.optim.SGD(groups, lr=0.0, momentum=optim.momentum, nesterov=optim.nesterov,
                            weight_decay=wd)
 

@@ -48,18 +48,32 @@ def test_bias_groups_get_multiplied_lr_and_wd():
     assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
 
 
-def test_sgd_step_equals_mean_loss_update():
-    """A summed-loss step in torch units equals w - lr (mean grad + wd w) in blog units."""
+@pytest.mark.parametrize("update", ["torch", "page2019"])
+def test_summed_loss_steps_equal_mean_loss_nesterov_in_blog_units(update):
+    """Three steps in torch units (summed loss, lr / N, wd * N) with Nesterov momentum 0.9 and a
+    changing LR equal the blog-units update written by hand on the mean loss: torch's rule
+    (v = mu v + g; w -= lr (g + mu v)) or the 2019 code's (d = -lr g; v = mu v + d; w += d + mu v)."""
     torch.manual_seed(0)
+    n, mu, wd = 8, 0.9, 5e-4
     model = nn.Linear(3, 1, bias=False)
-    w0 = model.weight.detach().clone()
-    x, y = torch.randn(8, 3), torch.randn(8, 1)
-    opt = make_optimizer(model, OptimConfig(momentum=0.0, nesterov=False), batch_size=8)
-    set_lr(opt, 0.4, 8)
-    ((model(x) - y) ** 2).sum().backward()
-    mean_grad = model.weight.grad / 8
-    opt.step()
-    assert torch.allclose(model.weight, w0 - 0.4 * (mean_grad + 5e-4 * w0), atol=1e-6)
+    x, y = torch.randn(n, 3), torch.randn(n, 1)
+    opt = make_optimizer(model, OptimConfig(momentum=mu, update=update), batch_size=n)
+    w = model.weight.detach().clone().double()
+    v = torch.zeros_like(w)
+    for k, lr in enumerate([0.4, 0.1, 0.7]):
+        set_lr(opt, lr, n)
+        opt.zero_grad()
+        ((model(x) - y) ** 2).sum().backward()
+        g = (2 * (x.double() @ w.T - y.double()) * x.double()).mean(0, keepdim=True) + wd * w  # mean loss
+        if update == "torch":
+            v = g if k == 0 else mu * v + g  # torch starts its buffer at the first gradient
+            w = w - lr * (g + mu * v)
+        else:
+            d = -lr * g
+            v = mu * v + d
+            w = w + d + mu * v
+        opt.step()
+        torch.testing.assert_close(model.weight.double(), w, rtol=1e-5, atol=1e-6)
     assert len(param_groups(model, OptimConfig())) == 1
 
 

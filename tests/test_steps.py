@@ -35,7 +35,7 @@ CHAIN = {
     "step5": ("step4", []),
     "step6": ("step5", []),
     "step7": ("step6", []),
-    "step8_1": ("step7", ["loader=device"]),
+    "step8_1": ("step7", ["loader=device", "optim.update=page2019"]),
     "step8_2": ("step8_1", ["arch.pool_before_norm=true", "schedule=warmup25"]),
     "step8_3": ("step8_2", ["loss=label_smoothing", "schedule=warmup23"]),
     "step8_4": ("step8_3", ["act=celu075", "schedule=warmup20"]),
