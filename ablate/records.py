@@ -70,6 +70,20 @@ def config_key(config: dict) -> str:
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def published_seconds(train_seconds: float, eval_seconds: float, prep_seconds: float, timing: str) -> float:
+    """A measured time in the convention of the step's published reference (journey-facts 0.3), the
+    one rule for a run's total time and for its time to target. The arguments are the run's
+    cumulative seconds (``train_seconds`` includes ``prep_seconds``, as the engine records them):
+
+    * ``with_eval`` (Posts 1-4): training loop + per-epoch evaluation, preprocessing excluded
+      (ResNet9's 79 s = 74 s DAWNBench time - 2 s preprocessing + 7 s evaluation);
+    * ``train_only`` (Post 8): preprocessing (whitening fit included) + training loop, no evaluation.
+    """
+    if timing == "with_eval":
+        return train_seconds - prep_seconds + eval_seconds
+    return train_seconds
+
+
 def read_config(run_dir: Path) -> dict | None:
     """The resolved config a run recorded, or None when it is missing or unreadable."""
     try:

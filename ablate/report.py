@@ -23,7 +23,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from ablate.records import CONFIG, METRICS, SUMMARY, config_key, read_config  # noqa: E402
+from ablate.records import CONFIG, METRICS, SUMMARY, config_key, published_seconds, read_config  # noqa: E402
 from ablate.studies import study_charts  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -72,12 +72,32 @@ def _recipe_key(config: dict) -> str:
     return config_key(dict(config, seed=0)) if config else ""  # every seed keyed alike
 
 
-def _to_target(metrics: list[dict], target: float) -> tuple[float, float]:
-    """Train seconds and epochs at the first epoch whose test accuracy reaches ``target``."""
+def _to_target(metrics: list[dict], target: float, prep_seconds: float, timing: str) -> tuple[float, float]:
+    """Seconds (in the step's published convention, ``published_seconds``) and epochs at the first
+    epoch whose test accuracy reaches ``target``."""
     for row in metrics:
         if row.get("test_acc", -1) >= target:
-            return row["train_seconds"], row["epoch"]
+            seconds = published_seconds(row["train_seconds"], row.get("eval_seconds", math.nan), prep_seconds,
+                                        timing)
+            return seconds, row["epoch"]
     return math.nan, math.nan
+
+
+# A CPU epoch whose threads got less than this share of their CPU time was fighting other work: its
+# seconds can be up to twice an undisturbed run's (ablate.train records cpu_share per epoch).
+CONTENDED_SHARE = 0.7
+
+
+def timing_note(summary: dict, metrics: list[dict]) -> str:
+    """Why a run's seconds are not an exclusive timing: 'gpu shared' when parallel jobs trained on one
+    GPU at once, 'contended' when a CPU run's median epoch got under CONTENDED_SHARE of its threads'
+    time; '' for a clean timing."""
+    if summary.get("gpu_shared"):
+        return "gpu shared"
+    shares = sorted(row["cpu_share"] for row in metrics if isinstance(row.get("cpu_share"), (int, float)))
+    if shares and shares[len(shares) // 2] < CONTENDED_SHARE:
+        return "contended"
+    return ""
 
 
 def _lr_peak(schedule: dict) -> float:
@@ -110,8 +130,9 @@ def load_runs(root: Path, target: float | None = None) -> tuple[pd.DataFrame, di
                 problems.append(f"{run_dir / METRICS}: a torn line was dropped")
             ref = config.get("step", {}).get("ref", {})
             goal = target if target is not None else config.get("target_acc", 94.0)
-            seconds, epochs = _to_target(metrics, goal)
             timing = ref.get("timing", "with_eval")
+            prep_s = summary.get("prep_seconds") or 0.0
+            seconds, epochs = _to_target(metrics, goal, prep_s, timing)
             train_s, eval_s = summary.get("train_seconds", math.nan), summary.get("eval_seconds", math.nan)
             row = dict(run=str(run_dir.relative_to(root)) if run_dir != Path(root) else ".",
                        status=summary["status"], step=summary.get("step"), arch=summary.get("arch"),
@@ -120,10 +141,11 @@ def load_runs(root: Path, target: float | None = None) -> tuple[pd.DataFrame, di
                        test_acc=summary.get("test_acc", math.nan), epochs=summary.get("epochs", len(metrics)),
                        train_seconds=train_s, eval_seconds=eval_s,
                        # the measured time in the convention of the step's published reference
-                       time_s=train_s + eval_s if timing == "with_eval" else train_s, timing=timing,
+                       time_s=published_seconds(train_s, eval_s, prep_s, timing), timing=timing,
                        target=goal, time_to_target=seconds, epochs_to_target=epochs,
                        ref_time_s=ref.get("time_s"), ref_acc=ref.get("accuracy"),
                        ref_note=ref.get("accuracy_note", ""), recipe=_recipe_key(config),
+                       timing_note=timing_note(summary, metrics),
                        error=summary.get("error", ""),
                        # the Post 5 hyperparameters as run (studies sweep them as values, not choices)
                        lr_peak=_lr_peak(config.get("schedule", {})),
@@ -149,18 +171,34 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     out = []
     for key, g in done.groupby(GROUP_KEYS, sort=False):
         n, acc = len(g), g.test_acc.astype(float)
+        timed, note = _clean_timings(g)
         mean, std = acc.mean(), acc.std(ddof=1) if n > 1 else math.nan
         half = stats.t.ppf(0.975, n - 1) * std / math.sqrt(n) if n > 1 else math.nan
         reached = g.time_to_target.notna()
         out.append(dict(zip(GROUP_KEYS, key), n=n, acc_mean=mean, acc_std=std, ci95_low=mean - half,
                         ci95_high=mean + half, target=g.target.iloc[0], share_reaching=reached.mean(),
-                        train_s=g.train_seconds.mean(), eval_s=g.eval_seconds.mean(), time_s=g.time_s.mean(),
-                        timing=g.timing.iloc[0], time_to_target=g.time_to_target[reached].mean() if reached.any() else math.nan,
+                        train_s=timed.train_seconds.mean(), eval_s=timed.eval_seconds.mean(),
+                        time_s=timed.time_s.mean(), timing=g.timing.iloc[0], timing_note=note,
+                        time_to_target=timed.time_to_target[timed.time_to_target.notna()].mean()
+                        if reached.any() else math.nan,
                         never_reached=int((~reached).sum()), epochs=g.epochs.iloc[0],
                         ref_time_s=g.ref_time_s.iloc[0], ref_acc=g.ref_acc.iloc[0],
                         precision_used=", ".join(sorted(set(g.precision_used.dropna()))),
                         torch_version=", ".join(sorted(set(g.torch_version.dropna())))))
     return pd.DataFrame(out)
+
+
+def _clean_timings(g: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The runs whose seconds count for a recipe's times, and a note on what was left out: flagged
+    timings (``timing_note``) are excluded when the recipe has clean ones, and marked when it has none."""
+    notes = g.timing_note if "timing_note" in g else pd.Series([""] * len(g), index=g.index)
+    flagged = notes.fillna("") != ""
+    if not flagged.any():
+        return g, ""
+    kinds = ", ".join(sorted(set(notes[flagged])))
+    if flagged.all():
+        return g, f"all {len(g)} {kinds}"
+    return g[~flagged], f"{int(flagged.sum())}/{len(g)} {kinds}, excluded"
 
 
 def _journey_rows(agg: pd.DataFrame) -> pd.DataFrame:
@@ -292,16 +330,20 @@ def write_report(root: Path, out: Path, target: float | None = None) -> dict[str
              f"torch {', '.join(sorted(set(runs.torch_version.dropna())))}.", "",
              "Every number below comes from the runs listed at the end, at the scale and on the device "
              "named in its row. Accuracies are percent; `time_s` follows the published convention of "
-             "each step (Posts 1-4 with per-epoch evaluation, Post 8 without); published references "
-             "are single-V100 numbers at full scale.", "", "## Aggregates", "",
+             "each step (Posts 1-4: training loop + per-epoch evaluation, preprocessing excluded; Post 8: "
+             "preprocessing + training loop, evaluation excluded); published references are single-V100 "
+             "numbers at full scale. A `timing_note` marks seconds that were not exclusive: `gpu shared` "
+             "(parallel jobs on one GPU) or `contended` (a CPU run whose threads got under "
+             f"{CONTENDED_SHARE:.0%} of their CPU time); such runs are left out of a recipe's times when "
+             "it has clean ones.", "", "## Aggregates", "",
              _markdown(agg, ["step", "arch", "scale", "device", "n", "acc_mean", "acc_std", "ci95_low",
                              "ci95_high", "share_reaching", "time_s", "train_s", "eval_s", "time_to_target",
-                             "never_reached", "ref_time_s", "ref_acc", "precision_used"]), ""]
+                             "never_reached", "timing_note", "ref_time_s", "ref_acc", "precision_used"]), ""]
     for title, name in charts:
         lines += [f"## {title}", "", f"![{title}]({name})", ""]
     lines += ["## Runs", "", _markdown(runs, ["run", "status", "step", "arch", "scale", "seed", "device",
                                              "test_acc", "train_seconds", "eval_seconds", "epochs",
-                                             "time_to_target", "error"]), ""]
+                                             "time_to_target", "timing_note", "error"]), ""]
     if problems:
         lines += ["## Records skipped or repaired", ""] + [f"* {p}" for p in problems] + [""]
     (out / "REPORT.md").write_text("\n".join(lines))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import re
 import sys
@@ -29,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ablate.config import ArchConfig, ConfigError, register_configs, validate
 from ablate.data import DataError
+from ablate.device import cpu_count, resolve_channels_last, resolve_device, resolve_precision
 from ablate.models import REGISTRY
 from ablate.records import RecordExists, RunRecord, config_key, read_config, read_summary, write_outcome
 from ablate.studies import register_sweeper
@@ -77,12 +79,29 @@ def format_row(row: dict) -> str:
     return "  ".join(f.format(row[k]) for k, _, f in COLUMNS)
 
 
-def find_completed(key: str, sweep_dir: Path) -> Path | None:
-    """A run directory of ``sweep_dir`` that already completed the recipe with this config key."""
+def formats_used(cfg: DictConfig) -> dict:
+    """The precision and memory layout this recipe runs in on this machine (``ablate.device``)."""
+    device = resolve_device(cfg.device)
+    return dict(precision_used=resolve_precision(cfg.precision.name, device, cfg.precision.cpu_half).name,
+                channels_last=resolve_channels_last(cfg.precision.channels_last, device))
+
+
+def _recorded_formats(summary: dict, config: dict) -> dict:
+    # Records from before the layout was recorded ran the layout their config named (false or true).
+    layout = summary.get("channels_last", bool(config.get("precision", {}).get("channels_last")))
+    return dict(precision_used=summary.get("precision_used"), channels_last=layout)
+
+
+def find_completed(key: str, sweep_dir: Path, formats: dict | None = None) -> Path | None:
+    """A run directory of ``sweep_dir`` that already completed the recipe with this config key and,
+    when ``formats`` is given, ran in that precision and layout (``fp16`` on a CPU may have run as
+    fp32 or bf16, and ``channels_last`` left to the device resolves differently on a CPU and a GPU:
+    a record of one is never taken for a run of another)."""
     for path in sorted(Path(sweep_dir).glob("*/summary.json")):
         summary, config = read_summary(path.parent), read_config(path.parent)
         # The key is recomputed from the recorded config: records older than a schema field match.
-        if summary and summary.get("status") == "completed" and config and config_key(config) == key:
+        if summary and summary.get("status") == "completed" and config and config_key(config) == key \
+                and (formats is None or _recorded_formats(summary, config) == formats):
             return path.parent
     return None
 
@@ -126,13 +145,6 @@ def free_device_memory() -> None:
 # Job placement: which GPU and how many CPU threads a sweep job gets
 
 
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def joblib_jobs(n_jobs: int | None, cpus: int) -> int:
     """How many jobs joblib runs at once for ``n_jobs`` (-1: one per CPU, -2: all but one, ...)."""
     if n_jobs is None or n_jobs == 0:
@@ -143,7 +155,7 @@ def joblib_jobs(n_jobs: int | None, cpus: int) -> int:
 _claimed_gpu: tuple[int, object] | None = None  # (index, locked file) held for this process's life
 
 
-def claim_gpu(n_gpus: int, preferred: int, lock_dir: Path | None = None) -> int:
+def claim_gpu(n_gpus: int, preferred: int, lock_dir: Path | None = None) -> tuple[int, bool]:
     """A GPU index for this process that no other ablate process on this machine holds.
 
     Jobs of a parallel sweep do not finish in launch order, so ``job number % GPUs`` alone can put two
@@ -151,14 +163,15 @@ def claim_gpu(n_gpus: int, preferred: int, lock_dir: Path | None = None) -> int:
     kernel when the process ends, even on SIGKILL) on one GPU, starting from ``preferred``, and keeps
     it for every later job it runs: a reused joblib worker stays on its GPU, with its CUDA context. When
     every GPU is held (more parallel jobs than GPUs) the job shares ``preferred`` and says so.
+    Returns the index and whether this process holds it alone (False: shared, or placement by number).
     """
     global _claimed_gpu
     if _claimed_gpu is not None and _claimed_gpu[0] < n_gpus:
-        return _claimed_gpu[0]
+        return _claimed_gpu[0], True
     try:
         import fcntl
     except ImportError:  # not on a POSIX system: job number modulo the GPU count
-        return preferred % n_gpus
+        return preferred % n_gpus, False
     lock_dir = lock_dir or Path(tempfile.gettempdir()) / f"ablate-gpu-locks-{os.getuid()}"
     # Named by the physical GPU where CUDA_VISIBLE_DEVICES says which, so processes that see
     # different subsets of the machine's GPUs still agree on what is taken.
@@ -171,17 +184,18 @@ def claim_gpu(n_gpus: int, preferred: int, lock_dir: Path | None = None) -> int:
         except OSError as err:  # no lock directory: placement by job number, never a failed job
             log.warning("cannot use GPU lock files in %s (%s); job placed on GPU %d by its number",
                         lock_dir, err, preferred % n_gpus)
-            return preferred % n_gpus
+            return preferred % n_gpus, False
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.close()
             continue
         _claimed_gpu = (k, handle)
-        return k
-    log.warning("all %d GPUs are held by other ablate processes: this job shares GPU %d (run fewer "
-                "parallel jobs, e.g. hydra.launcher.n_jobs=%d)", n_gpus, preferred % n_gpus, n_gpus)
-    return preferred % n_gpus
+        return k, True
+    log.warning("all %d GPUs are held by other ablate processes: this job shares GPU %d, so its seconds "
+                "are not an exclusive timing (run fewer parallel jobs, e.g. hydra.launcher.n_jobs=%d)",
+                n_gpus, preferred % n_gpus, n_gpus)
+    return preferred % n_gpus, False
 
 
 def place_job(hydra_cfg: DictConfig, cfg: DictConfig) -> dict:
@@ -200,21 +214,28 @@ def place_job(hydra_cfg: DictConfig, cfg: DictConfig) -> dict:
     facts: dict = {}
     launcher = hydra_cfg.launcher
     target = str(launcher.get("_target_", ""))
-    threads = None
+    threads, parallel = None, 1
     if "joblib" in target:
-        threads = max(1, cpu_count() // joblib_jobs(launcher.get("n_jobs", -1), cpu_count()))
+        parallel = joblib_jobs(launcher.get("n_jobs", -1), cpu_count())
+        threads = max(1, cpu_count() // parallel)
     elif "submitit" in target:
         if launcher.get("cpus_per_task"):
             threads = int(launcher.cpus_per_task)
         elif target.endswith("LocalLauncher"):
             threads = 1
+        if target.endswith("LocalLauncher"):  # every job of the batch on this machine (SLURM: own GPUs)
+            parallel = int(launcher.get("array_parallelism") or 1)
     if threads is not None:
         torch.set_num_threads(threads)
         facts["torch_threads"] = threads
-    if str(cfg.device) in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        index = claim_gpu(torch.cuda.device_count(), int(hydra_cfg.job.get("num") or 0))
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if str(cfg.device) in ("auto", "cuda") and n_gpus and (n_gpus > 1 or parallel > 1):
+        index, held = claim_gpu(n_gpus, int(hydra_cfg.job.get("num") or 0))
         torch.cuda.set_device(index)
-        facts["cuda_index"] = index
+        # Jobs that train on one GPU at once slow each other down: their seconds are not exclusive
+        # timings, and the record says so (the report marks them). One job per GPU is exclusive.
+        per_gpu = math.ceil(parallel / n_gpus)
+        facts.update(cuda_index=index, gpu_shared=per_gpu > 1 or not held, jobs_per_gpu=per_gpu)
     return facts
 
 
@@ -232,7 +253,7 @@ def execute(cfg: DictConfig, run_dir: Path, choices: dict | None = None,
     """
     validate(cfg)
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    if resume_in is not None and (done := find_completed(config_key(resolved), resume_in)):
+    if resume_in is not None and (done := find_completed(config_key(resolved), resume_in, formats_used(cfg))):
         log.info("%s seed %d: already completed in %s, not run again", cfg.step.id, cfg.seed, done)
         return dict(read_summary(done), skipped=True)
     record = RunRecord(run_dir, resolved, choices)

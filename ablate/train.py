@@ -11,7 +11,6 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -20,7 +19,10 @@ from torch import nn
 from tqdm import tqdm
 
 from ablate import augment, data
-from ablate.layers import Whitening, make_act, make_norm
+from ablate.device import (Precision, autocast, device_name, keep_cpu_memory, load_average, process_usage,
+                           resolve_channels_last, resolve_device, resolve_precision, set_math_flags, sync,
+                           to_memory_format)
+from ablate.layers import Whitening, make_act, make_norm, unfitted_allowed
 from ablate.config import LossConfig
 from ablate.models import (REGISTRY, build_model, count_macs, count_params, customise, initialise,
                            scale_invariant_weights)
@@ -29,57 +31,17 @@ from ablate.optim import (lars_rescale_, make_optimizer, piecewise_linear, sched
 
 log = logging.getLogger(__name__)
 
-WHITENING_IMAGES = 10_000  # new_dawn.py fits the whitening on the first 10k training images
+# new_dawn.py fits the whitening on the first 10k training images in CIFAR-10's own order, which
+# mixes the classes. A class-sorted copy (any ImageFolder tree) would give 5,000 airplanes and 5,000
+# automobiles, so the fit takes a random sample of 10k instead, fixed by WHITENING_SEED for every
+# run, loader and source, as new_dawn.py's first 10k are the same for every run.
+WHITENING_IMAGES = 10_000
+WHITENING_SEED = 0
 EVAL_BATCH = 1024
 
 
 class Diverged(RuntimeError):
     """The training loss stopped being finite."""
-
-
-@dataclass
-class Precision:
-    """How a requested precision runs on this device."""
-
-    name: str  # what actually runs (recorded as precision_used)
-    param_dtype: torch.dtype  # model weights and inputs
-    norm_fp32: bool  # keep normalisation layers in fp32
-    autocast: torch.dtype | None  # autocast dtype, if any
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_precision(name: str, device: torch.device) -> Precision:
-    """Map a requested precision to what the device runs natively (design.md: say which ran).
-
-    CPUs have no fast fp16 convolutions (they are emulated, orders of magnitude slower), so fp16 and
-    fp16_bn32 run in fp32 there; bf16 autocast runs on both CPU and CUDA.
-    """
-    if name in ("fp16", "fp16_bn32") and device.type == "cpu":
-        name = "fp32"
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        name = "fp16_bn32"
-    return {
-        "fp32": Precision("fp32", torch.float32, False, None),
-        "fp16": Precision("fp16", torch.float16, False, None),
-        "fp16_bn32": Precision("fp16_bn32", torch.float16, True, None),
-        "bf16": Precision("bf16", torch.float32, False, torch.bfloat16),
-    }[name]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return "cpu"
 
 
 def build_network(cfg, precision: Precision, device: torch.device) -> nn.Module:
@@ -92,7 +54,7 @@ def build_network(cfg, precision: Precision, device: torch.device) -> nn.Module:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.float()
-    if cfg.precision.channels_last:
+    if resolve_channels_last(cfg.precision.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -155,20 +117,28 @@ class EMA:
     """Exponential moving average of the weights, updated every ``every`` steps with momentum**every.
 
     Every floating-point tensor of the state is averaged, BN running statistics included, as in the
-    2019 code; integer buffers (BN's num_batches_tracked) are not (journey-facts E9).
+    2019 code; integer buffers (BN's num_batches_tracked) are not (journey-facts E9). The tensors are
+    grouped by dtype and device, so that each group takes the fused multi-tensor path (fp16_bn32 mixes
+    fp16 weights with fp32 batch norms, which a single list would make fall back to a loop).
     """
 
     def __init__(self, model: nn.Module, momentum: float, every: int) -> None:
         self.model = copy.deepcopy(model)
         self.decay = momentum ** every
         self.every = every
-        self._avg = [t for t in self.model.state_dict().values() if t.is_floating_point()]
-        self._src = [t for t in model.state_dict().values() if t.is_floating_point()]
+        groups: dict[tuple, tuple[list, list]] = {}
+        for avg, src in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if avg.is_floating_point():
+                pair = groups.setdefault((avg.dtype, avg.device), ([], []))
+                pair[0].append(avg)
+                pair[1].append(src)
+        self._groups = list(groups.values())
 
     def maybe_update(self, step_in_epoch: int) -> None:
         if step_in_epoch % self.every == 0:  # the 2019 code restarts the counter every epoch
             with torch.no_grad():
-                torch._foreach_lerp_(self._avg, self._src, 1.0 - self.decay)
+                for avg, src in self._groups:
+                    torch._foreach_lerp_(avg, src, 1.0 - self.decay)
 
 
 @torch.no_grad()
@@ -188,16 +158,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tta_flip: bool,
     return loss.item() / len(x), 100.0 * correct.item() / len(x)
 
 
-def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """``x`` in the memory format the model runs in (``precision.channels_last``)."""
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Autocast to ``dtype`` on ``device``, or a no-op context when the precision uses none."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def resident_training_set(images: data.Images, pad: int, device: torch.device,
                           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The training set as the device path holds it: normalised, reflect-padded by ``pad``, on the device."""
@@ -205,23 +165,54 @@ def resident_training_set(images: data.Images, pad: int, device: torch.device,
     return x, images.train_y.to(device)
 
 
+def whitening_sample(n_images: int, size: int = WHITENING_IMAGES, seed: int = WHITENING_SEED) -> torch.Tensor:
+    """Indices of the training images the whitening is fitted on: a seeded random sample of ``size``
+    (all of them when there are fewer), in data-set order."""
+    if n_images <= size:
+        return torch.arange(n_images)
+    return torch.randperm(n_images, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+
+
 def fit_whitening(model: nn.Module, images: data.Images, device: torch.device) -> None:
-    """Fit every whitening layer on the first WHITENING_IMAGES normalised training images (new_dawn.py)."""
-    for m in model.modules():
-        if isinstance(m, Whitening):
-            m.fit(data.normalise(images.train_x[:WHITENING_IMAGES].to(device)))
+    """Fit every whitening layer on the normalised ``whitening_sample`` of the training images."""
+    layers = [m for m in model.modules() if isinstance(m, Whitening)]
+    if layers:
+        sample = data.normalise(images.train_x[whitening_sample(len(images.train_x))].to(device))
+        for m in layers:
+            m.fit(sample)
 
 
-def _warm_up(model: nn.Module, train_model: nn.Module, batch_size: int, device: torch.device,
-             precision: Precision, channels_last: bool) -> float:
-    """One forward/backward on random data so that compilation and cuDNN autotuning happen before
-    the timer; the model's state (weights and BN statistics) is restored afterwards."""
+def batch_shapes(n: int, batch_size: int, drop_last: bool) -> list[int]:
+    """The distinct batch sizes an epoch over ``n`` items makes: the full one and the partial last."""
+    sizes = [min(batch_size, n)] if n else []
+    if n % batch_size and n > batch_size and not drop_last:
+        sizes.append(n % batch_size)
+    return sizes
+
+
+def _warm_up(model: nn.Module, train_model: nn.Module, train_sizes: list[int], eval_sizes: list[int],
+             device: torch.device, precision: Precision, channels_last: bool, tta_flip: bool) -> float:
+    """Run every batch shape of the run once on random data before the timer: each training batch
+    size forward and backward through ``train_model`` (a compiled model recompiles for a new shape;
+    cuDNN autotunes each), and each evaluation batch size through ``model`` as evaluation runs it. The
+    model's state (weights, BN statistics, a whitening layer's filter) is restored afterwards, and
+    the global RNG is not touched."""
     state = copy.deepcopy(model.state_dict())
+    g = torch.Generator(device=device).manual_seed(0)
     start = time.perf_counter()
-    x = torch.randn(batch_size, 3, 32, 32, device=device, dtype=precision.param_dtype)
-    y = torch.randint(0, 10, (batch_size,), device=device)
-    with autocast(device, precision.autocast):
-        loss_fn(LossConfig())(train_model(to_memory_format(x, channels_last)), y).backward()
+    with unfitted_allowed(model):
+        for n in train_sizes:
+            x = torch.randn(n, 3, 32, 32, device=device, dtype=precision.param_dtype, generator=g)
+            y = torch.randint(0, 10, (n,), device=device, generator=g)
+            with autocast(device, precision.autocast):
+                loss_fn(LossConfig())(train_model(to_memory_format(x, channels_last)), y).backward()
+        model.eval()
+        with torch.no_grad():
+            for n in eval_sizes:
+                x = torch.randn(n, 3, 32, 32, device=device, dtype=precision.param_dtype, generator=g)
+                with autocast(device, precision.autocast):
+                    predict(model, to_memory_format(x, channels_last), tta_flip)
+        model.train()
     sync(device)
     model.zero_grad(set_to_none=True)
     model.load_state_dict(state)
@@ -250,6 +241,18 @@ def steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 
+def _cpu_facts(device: torch.device, loop_seconds: float, usage: list, steps: int) -> dict:
+    """What a CPU epoch's timing is worth: the process's CPU seconds over the loop, the share of
+    its threads' time that it got (well under 1 on a machine busy with other work: ``contended``
+    in the report), the load average, and the minor page faults per step."""
+    if device.type != "cpu":
+        return {}
+    cpu_seconds, faults = usage
+    return dict(cpu_seconds=round(cpu_seconds, 2),
+                cpu_share=round(cpu_seconds / max(loop_seconds * torch.get_num_threads(), 1e-9), 3),
+                load_avg=load_average(), faults_per_step=round(faults / max(steps, 1)))
+
+
 def _weight_monitor(model: nn.Module) -> WeightMonitor | None:
     weights = scale_invariant_weights(model)
     if not weights:
@@ -263,20 +266,25 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
     """Train the composed recipe ``cfg``; call ``on_start`` with the run's facts once the model is
     built and ``on_epoch`` with each epoch's metrics; return the final results."""
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision.name, device)
+    precision = resolve_precision(cfg.precision.name, device, cfg.precision.cpu_half)
+    channels_last = resolve_channels_last(cfg.precision.channels_last, device)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)  # data order and augmentation choices
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    facts = set_math_flags(device, cfg.precision.tf32)
+    if device.type == "cpu":
+        facts.update(keep_cpu_memory(), torch_threads=torch.get_num_threads())
 
     images = data.take_subset(data.load_images(cfg.data), cfg.scale)  # disk and cache: not timed
     model = build_network(cfg, precision, device)
-    info = dict(precision_used=precision.name, device=device_name(device), params=count_params(model),
-                macs=count_macs(copy.deepcopy(model).float()), data_source=images.source,
-                train_images=len(images.train_y), test_images=len(images.test_y))
+    info = dict(precision_used=precision.name, channels_last=channels_last, device=device_name(device),
+                params=count_params(model), macs=count_macs(copy.deepcopy(model).float()),
+                data_source=images.source, train_images=len(images.train_y), test_images=len(images.test_y),
+                **facts)
     train_model = torch.compile(model) if cfg.compile else model
-    warm = _warm_up(model, train_model, cfg.batch_size, device, precision, cfg.precision.channels_last) \
-        if cfg.compile or device.type == "cuda" else 0.0
+    n_train, n_test = len(images.train_y), len(images.test_y)
+    warm = _warm_up(model, train_model, batch_shapes(n_train, cfg.batch_size, cfg.loader.drop_last),
+                    batch_shapes(n_test, EVAL_BATCH, drop_last=False), device, precision, channels_last,
+                    cfg.tta.flip) if cfg.compile or device.type == "cuda" else 0.0
     info.update(compile_seconds=round(warm, 3) if cfg.compile else None,
                 warmup_seconds=round(warm, 3) if not cfg.compile else None)
     on_start(info)
@@ -302,6 +310,7 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
     for epoch in range(math.ceil(training_epochs(cfg.schedule, cfg.scale.epochs))):
         sync(device)
         epoch_start = time.perf_counter()
+        usage_start = process_usage()
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
@@ -313,7 +322,7 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
             lr = lr_at(epoch + (i + 1) / n_steps)
             set_lr(optimizer, lr, cfg.batch_size)
             with autocast(device, precision.autocast):
-                logits = train_model(to_memory_format(x, cfg.precision.channels_last))
+                logits = train_model(to_memory_format(x, channels_last))
                 loss = criterion(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -334,18 +343,20 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
         bar.close()
         sync(device)
         loop_seconds = time.perf_counter() - epoch_start
+        usage = [end - begin for end, begin in zip(process_usage(), usage_start)]
         train_seconds += loop_seconds
         epoch_seconds = loop_seconds + (prep_seconds if epoch == 0 else 0.0)  # preprocessing counts once
 
         eval_start = time.perf_counter()
         test_loss, test_acc = evaluate(ema.model if ema else model, test_x, test_y, cfg.tta.flip,
-                                       cfg.precision.channels_last, precision.autocast)
+                                       channels_last, precision.autocast)
         sync(device)
         eval_seconds += time.perf_counter() - eval_start
         train_loss = loss_sum.item() / max(seen, 1)
         row = dict(epoch=epoch + 1, lr=lr, train_loss=train_loss, train_acc=100.0 * correct.item() / max(seen, 1),
                    test_loss=test_loss, test_acc=test_acc, epoch_seconds=epoch_seconds,
-                   train_seconds=train_seconds, eval_seconds=eval_seconds)
+                   train_seconds=train_seconds, eval_seconds=eval_seconds,
+                   **_cpu_facts(device, loop_seconds, usage, n_steps))
         if monitor is not None:
             row.update(monitor.epoch_stats())
         on_epoch(row)

@@ -23,7 +23,8 @@ def _record(root, name, step="step4", arch="resnet9", seed=0, status="completed"
     config = {"step": {"id": step, "ref": {"time_s": ref_time, "timing": timing, "accuracy": 94.08}},
               "arch": {"name": arch}, "seed": seed, "scale": {"name": scale}, "target_acc": 94.0}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
-    rows = [dict(epoch=i + 1, test_acc=a, train_seconds=train_s * (i + 1) / len(accs)) for i, a in enumerate(accs)]
+    rows = [dict(epoch=i + 1, test_acc=a, train_seconds=train_s * (i + 1) / len(accs),
+                 eval_seconds=1.0 * (i + 1) / len(accs)) for i, a in enumerate(accs)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = dict(status=status, step=step, arch=arch, seed=seed, scale=scale, device="cpu",
                    precision_used="fp32", torch_version="2.x", epochs=len(accs), train_seconds=train_s,
@@ -58,7 +59,7 @@ def test_aggregate_statistics_on_hand_made_records(tmp_path):
     assert row.n == 3 and row.acc_mean == pytest.approx(mean) and row.acc_std == pytest.approx(std)
     assert (row.ci95_low, row.ci95_high) == pytest.approx((mean - half, mean + half))
     assert row.share_reaching == pytest.approx(2 / 3) and row.never_reached == 1
-    assert row.time_to_target == pytest.approx((10.0 + 12.0) / 2)  # seeds 0 and 2, at their last epoch
+    assert row.time_to_target == pytest.approx((11.0 + 13.0) / 2)  # seeds 0 and 2 at their last epoch, + eval
     assert row.time_s == pytest.approx(12.0)  # Posts 1-4 convention: train + eval
     assert agg.loc["step8"].time_s == pytest.approx(10.0)  # Post 8 convention: train only
     assert agg.loc["step8"].n == 1 and math.isnan(agg.loc["step8"].acc_std)
@@ -169,3 +170,44 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert [s["status"] for s in summaries] == ["failed", "completed"]
     assert "DataError" in summaries[0]["error"] and "missing" in summaries[0]["error"]
     assert summaries[0]["failure"] == "data"
+
+
+def test_one_timing_rule_for_total_time_and_time_to_target(tmp_path):
+    """journey-facts 0.3: Posts 1-4 count the training loop and the per-epoch evaluation but not the
+    preprocessing (79 s = 74 s + 7 s - 2 s); Post 8 counts preprocessing and the loop, no evaluation.
+    The total and the time to target follow the same rule."""
+    def record(name: str, timing: str) -> None:
+        run = tmp_path / name
+        run.mkdir()
+        config = {"step": {"id": "step4", "ref": {"timing": timing}}, "arch": {"name": "resnet9"}, "seed": 0,
+                  "scale": {"name": "cpu"}, "target_acc": 94.0}
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        # prep 2 s; each epoch 10 s of loop and 1 s of evaluation; cumulative train_seconds include prep
+        rows = [dict(epoch=e, test_acc=acc, train_seconds=2.0 + 10.0 * e, eval_seconds=1.0 * e)
+                for e, acc in ((1, 90.0), (2, 94.5), (3, 95.0))]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run / "summary.json").write_text(json.dumps(dict(
+            status="completed", step="step4", arch="resnet9", seed=0, scale="cpu", device="cpu", test_acc=95.0,
+            epochs=3, train_seconds=32.0, eval_seconds=3.0, prep_seconds=2.0)))
+
+    record("posts1to4", "with_eval")
+    record("post8", "train_only")
+    runs = load_runs(tmp_path)[0].set_index("run")
+    assert runs.loc["posts1to4", "time_s"] == pytest.approx(30.0 + 3.0)  # loop + eval, no prep
+    assert runs.loc["posts1to4", "time_to_target"] == pytest.approx(20.0 + 2.0)
+    assert runs.loc["post8", "time_s"] == pytest.approx(32.0)  # prep + loop, no eval
+    assert runs.loc["post8", "time_to_target"] == pytest.approx(22.0)
+
+
+def test_contended_cpu_runs_are_flagged_and_left_out_of_the_times(tmp_path):
+    """A CPU run whose epochs got well under their threads' share of CPU time is marked `contended`
+    and its seconds do not enter the recipe's times while a clean run exists."""
+    clean = _record(tmp_path, "clean", seed=0, train_s=10.0)
+    busy = _record(tmp_path, "busy", seed=1, train_s=30.0)
+    for run, share in ((clean, 0.97), (busy, 0.45)):
+        rows = [dict(json.loads(line), cpu_share=share) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = load_runs(tmp_path)[0].set_index("run")
+    assert (runs.loc["clean", "timing_note"], runs.loc["busy", "timing_note"]) == ("", "contended")
+    row = aggregate(runs.reset_index()).iloc[0]
+    assert row.n == 2 and row.train_s == pytest.approx(10.0) and "1/2 contended" in row.timing_note

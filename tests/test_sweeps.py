@@ -173,27 +173,46 @@ def test_place_job_makes_the_claimed_gpu_current(monkeypatch, device, pinned):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", calls.append)
-    monkeypatch.setattr(run, "claim_gpu", lambda n, preferred: (preferred + 1) % n)
+    monkeypatch.setattr(run, "claim_gpu", lambda n, preferred: ((preferred + 1) % n, True))
     hydra_cfg = OmegaConf.create({"launcher": {"_target_": "x.BasicLauncher"}, "job": {"num": 4}})
     facts = place_job(hydra_cfg, OmegaConf.create({"device": device}))
-    assert (calls, facts) == (([1], {"cuda_index": 1}) if pinned else ([], {}))
+    placed = {"cuda_index": 1, "gpu_shared": False, "jobs_per_gpu": 1}
+    assert (calls, facts) == (([1], placed) if pinned else ([], {}))
+
+
+@pytest.mark.parametrize("gpus, n_jobs, shared, per_gpu", [(1, 2, True, 2), (2, 2, False, 1), (2, 3, True, 2)])
+def test_parallel_jobs_on_one_gpu_are_recorded_as_shared(monkeypatch, gpus, n_jobs, shared, per_gpu):
+    """joblib with more parallel jobs than GPUs trains several jobs on one GPU at once: the record
+    says so (gpu_shared, jobs_per_gpu), so the report can keep those seconds out of its times."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(run, "claim_gpu", lambda n, preferred: (0, True))
+    before = torch.get_num_threads()
+    try:
+        hydra_cfg = OmegaConf.create({"launcher": {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": n_jobs},
+                                      "job": {"num": 0}})
+        facts = place_job(hydra_cfg, OmegaConf.create({"device": "auto"}))
+    finally:
+        torch.set_num_threads(before)
+    assert (facts["gpu_shared"], facts["jobs_per_gpu"]) == (shared, per_gpu)
 
 
 def test_each_process_claims_a_gpu_of_its_own(tmp_path, monkeypatch, caplog):
     """flock locks are per open file, so claims in one process stand for claims of separate workers."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
     monkeypatch.setattr(run, "_claimed_gpu", None)
-    assert claim_gpu(2, preferred=1, lock_dir=tmp_path) == 1  # job 1 first: its own GPU, 1
-    assert claim_gpu(2, preferred=0, lock_dir=tmp_path) == 1  # the same worker keeps it for later jobs
+    assert claim_gpu(2, preferred=1, lock_dir=tmp_path) == (1, True)  # job 1 first: its own GPU, 1
+    assert claim_gpu(2, preferred=0, lock_dir=tmp_path) == (1, True)  # the same worker keeps it for later jobs
     held = run._claimed_gpu
     monkeypatch.setattr(run, "_claimed_gpu", None)  # another worker: GPU 1 (physical 6) is held
-    assert claim_gpu(2, preferred=1, lock_dir=tmp_path) == 0
+    assert claim_gpu(2, preferred=1, lock_dir=tmp_path) == (0, True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-4.lock", "gpu-6.lock"]
     other = run._claimed_gpu
     monkeypatch.setattr(run, "_claimed_gpu", None)  # a third worker on two GPUs: shares, and says so
-    assert claim_gpu(2, preferred=1, lock_dir=tmp_path) == 1 and "shares GPU 1" in caplog.text
+    assert claim_gpu(2, preferred=1, lock_dir=tmp_path) == (1, False) and "shares GPU 1" in caplog.text
     held[1].close()  # a worker that ends (or is killed) frees its GPU
-    assert claim_gpu(2, preferred=0, lock_dir=tmp_path) == 1
+    assert claim_gpu(2, preferred=0, lock_dir=tmp_path) == (1, True)
     run._claimed_gpu[1].close()
     other[1].close()
 

@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ablate.layers import unfitted_allowed
 from ablate.optim import make_optimizer, set_lr
 from ablate.config import LossConfig
 from ablate.train import EMA, build_network, loss_fn, predict, resolve_precision, steps_per_epoch
-from tests.conftest import make_cfg
+from tests.conftest import DATA, make_cfg, needs_data
 
 
 def test_label_smoothing_equals_the_formula():
@@ -65,7 +66,8 @@ def test_frozen_bn_scales_stay_put_and_bias_groups_move_faster():
     opt = make_optimizer(model, cfg.optim, cfg.batch_size)
     set_lr(opt, 1.0, cfg.batch_size)
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
-    loss_fn(LossConfig(label_smoothing=0.2))(model(x), y).backward()
+    with unfitted_allowed(model):  # the whitening's filter does not matter here
+        loss_fn(LossConfig(label_smoothing=0.2))(model(x), y).backward()
     opt.step()
     assert all(torch.equal(m.weight, s) and torch.all(s == 1) for m, s in zip(bns, scales))
     assert any(not torch.equal(m.bias, b) for m, b in zip(bns, biases))
@@ -79,6 +81,26 @@ def test_precision_maps_to_what_the_device_runs():
     assert resolve_precision("bf16", cpu).autocast == torch.bfloat16
     cuda = torch.device("cuda")
     assert resolve_precision("fp16_bn32", cuda).norm_fp32 and resolve_precision("fp16", cuda).param_dtype == torch.float16
+
+
+@pytest.mark.parametrize("capability, runs", [((7, 0), "fp16_bn32"), ((7, 5), "fp16_bn32"), ((8, 0), "bf16"),
+                                               ((9, 0), "bf16")])
+def test_bf16_falls_back_on_gpus_without_bf16_tensor_cores(monkeypatch, capability, runs):
+    """A V100 (7.0) or T4 (7.5) reports bf16 as supported but has no bf16 tensor cores: it runs fp16
+    with fp32 BN instead. The decision follows the compute capability, not is_bf16_supported."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("bf16", torch.device("cuda")).name == runs
+
+
+def test_cpu_runs_fp16_as_cpu_half_and_defaults_to_channels_last():
+    from ablate.device import resolve_channels_last
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("fp16", cpu, cpu_half="bf16").autocast == torch.bfloat16
+    assert resolve_precision("fp16_bn32", cpu, cpu_half="fp32").name == "fp32"
+    assert resolve_channels_last(None, cpu) and not resolve_channels_last(None, cuda)
+    assert not resolve_channels_last(False, cpu) and resolve_channels_last(True, cuda)
 
 
 def test_steps_per_epoch_keeps_or_drops_the_last_batch():
@@ -104,3 +126,79 @@ def test_compile_time_is_reported_and_kept_out_of_train_time(tmp_path):
     summary = execute(make_cfg("+step=step4", *SMOKE, "compile=true"), tmp_path)
     assert summary["status"] == "completed" and summary["compile_seconds"] > 0
     assert summary["train_seconds"] < summary["wall_seconds"] - summary["compile_seconds"]
+
+
+def test_whitening_is_fitted_on_a_sample_of_every_class(monkeypatch):
+    """The fit takes a seeded random 10k, not the first 10k, which a class-sorted ImageFolder copy
+    would fill with two classes; the sample is the same for every run (new_dawn.py's first 10k are)."""
+    from ablate.train import WHITENING_IMAGES, whitening_sample
+
+    labels = torch.arange(10).repeat_interleave(5000)  # sorted by class, as an ImageFolder tree
+    idx = whitening_sample(len(labels))
+    counts = labels[idx].bincount(minlength=10)
+    assert len(idx) == WHITENING_IMAGES and len(set(idx.tolist())) == WHITENING_IMAGES
+    assert counts.min() > 800 and counts.max() < 1200
+    assert torch.equal(idx, whitening_sample(len(labels)))
+    assert torch.equal(whitening_sample(300), torch.arange(300))  # smaller sets: every image
+
+
+@needs_data
+def test_whitening_fit_whitens_held_out_patches(cache_dir):
+    """Fitted on the sample, the filter whitens the patches of other training images: no direction's
+    second moment goes above 1 + 3% (a fit on the first 10k of the class-sorted copy, airplanes and
+    automobiles only, gives 1.09). With eps 1e-2 weak directions are damped below 1 by design."""
+    from ablate import data
+    from ablate.config import DataConfig
+    from ablate.layers import patch_whitening_filter
+    from ablate.train import whitening_sample
+
+    images = data.load_images(DataConfig(root=str(DATA), cache_dir=str(cache_dir)))
+    fit = whitening_sample(len(images.train_y))
+    held = torch.randperm(len(images.train_y), generator=torch.Generator().manual_seed(1))
+    held = held[~torch.isin(held, fit)][:1000]
+    weight = patch_whitening_filter(data.normalise(images.train_x[fit]), eps=1e-2)
+    out = F.conv2d(data.normalise(images.train_x[held]).double(), weight.double())
+    flat = out.transpose(0, 1).reshape(27, -1)
+    moment = flat @ flat.T / (flat.shape[1] - 1)
+    assert moment.diagonal().max() < 1.03
+    assert moment.diagonal()[:5].min() > 0.95  # the strong directions are whitened to about 1
+
+
+def test_warm_up_runs_every_batch_shape_and_restores_the_state():
+    """Before the timer: each training batch size forward and backward (the full batch and the partial
+    last one), each evaluation batch size (with the flipped view for TTA); afterwards the weights, BN
+    statistics, whitening filter, gradients and the global RNG are as before."""
+    from ablate.train import _warm_up, batch_shapes
+
+    cfg = make_cfg("+step=step8", "scale=smoke")
+    cpu = torch.device("cpu")
+    model = build_network(cfg, resolve_precision("fp32", cpu), cpu)
+    seen = []
+    model.register_forward_hook(lambda m, inp, out: seen.append((m.training, inp[0].shape[0])))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    train_sizes, eval_sizes = batch_shapes(50_000, 512, drop_last=False), batch_shapes(10_000, 1024, False)
+    assert (train_sizes, eval_sizes) == ([512, 336], [1024, 784])
+    _warm_up(model, model, train_sizes, eval_sizes, cpu, resolve_precision("fp32", cpu), False, tta_flip=True)
+    assert seen == [(True, 512), (True, 336), (False, 1024), (False, 1024), (False, 784), (False, 784)]
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and model.training
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert batch_shapes(50_000, 512, drop_last=True) == [512] and batch_shapes(300, 512, False) == [300]
+
+
+def test_train_fits_the_whitening_on_the_sample_before_the_first_step(monkeypatch):
+    from ablate import train as engine
+    from ablate.layers import Whitening
+
+    events = []
+    fit = Whitening.fit
+    monkeypatch.setattr(Whitening, "fit", lambda self, images: (events.append(("fit", len(images))),
+                                                                fit(self, images))[1])
+    step = torch.optim.Optimizer.zero_grad
+    monkeypatch.setattr(torch.optim.Optimizer, "zero_grad",
+                        lambda self, set_to_none=True: (events.append(("step",)), step(self, set_to_none))[1])
+    cfg = make_cfg("+step=step8", "scale=smoke", "data=synthetic", "data.synthetic_size=2000", "progress=false")
+    engine.train(cfg)
+    n = events[0][1]  # the smoke subset (all of it: fewer than 10k)
+    assert events[0] == ("fit", n) and events[1] == ("step",) and sum(e[0] == "fit" for e in events) == 1
