@@ -1,6 +1,6 @@
-"""Benchmark: ``python -m ablate.bench [--scale cpu|full|smoke] [--steps N] [--only aug,step,engine,startup]``.
+"""Benchmark: ``python -m ablate.bench [--scale cpu|full|smoke] [--steps N] [--only aug,step,engine,page2019,startup]``.
 
-Four comparisons, measured side by side in one process on one machine, each with its ratio:
+Five comparisons, measured side by side on one machine, each with its ratio:
 
 1. ``aug``      augmentation throughput: the early steps' per-image DataLoader path against the step-8
                 batched device path, same settings (pad-crop 4, flip, cutout 8), same images.
@@ -8,7 +8,12 @@ Four comparisons, measured side by side in one process on one machine, each with
                 the final network (the step-8 recipe), per precision the device runs x memory format.
 3. ``engine``   the real engine (``ablate.train.train``) on a one-epoch step-8 recipe against a bare
                 ~15-line PyTorch loop over the same network, data, precision and number of steps.
-4. ``startup``  wall time from launching ``python -m ablate.run +step=step8 scale=smoke`` to its first
+4. ``page2019`` ablate's loop (its data path, step, optimiser, EMA) against a plain restatement of Page's
+                2019 loop (``ablate.bench_page2019``) on steps 4 and 8, same network and formats: images/s,
+                page faults and kernel seconds per step, from fp32 NCHW with glibc's allocator defaults to
+                the CPU defaults (channels_last, memory kept; glibc's defaults in a child process, as the
+                setting cannot be undone); plus one test-set evaluation in the first and last of these.
+5. ``startup``  wall time from launching ``python -m ablate.run +step=step8 scale=smoke`` to its first
                 training step, and the subprocess's total wall time.
 
 Every timed region is bracketed by device synchronisation and excludes warm-up, as design.md asks.
@@ -40,13 +45,18 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from tqdm import tqdm
 
-from ablate import augment, data
+from ablate import augment, bench_page2019, data
 from ablate import train as engine
+# run_formats: precision and layout as the engine resolves them (ablate.device; cpu_half, channels_last None)
+from ablate.bench_page2019 import formats as run_formats
 from ablate.config import PRECISIONS, validate
+from ablate.device import (autocast, cpu_count, device_name, keep_cpu_memory, resolve_device, resolve_precision,
+                           sync, to_memory_format)
+from ablate.layers import Whitening
 from ablate.optim import make_optimizer, set_lr, to_torch_units
-from ablate.run import CONF_DIR, cpu_count, quote_numeric_choices
+from ablate.run import CONF_DIR, quote_numeric_choices
 
-COMPARISONS = ("aug", "step", "engine", "startup")
+COMPARISONS = ("aug", "step", "engine", "page2019", "startup")
 AUG_TARGET = 10.0  # the issue's acceptance target: batched path >= 10x the per-image path
 ENGINE_TARGET = 0.9  # the engine within 10% of the bare loop's throughput
 REPO = Path(__file__).resolve().parent.parent
@@ -90,13 +100,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Settings:
     p = argparse.ArgumentParser(
         prog="python -m ablate.bench",
         description="Measure, side by side: augmentation paths, training-step throughput per precision and "
-                    "memory format, the engine against a bare PyTorch loop, and the start-up time of a run. "
+                    "memory format, the engine against a bare PyTorch loop, ablate's loop against the 2019 "
+                    "loop per format and allocator setting, and the start-up time of a run. "
                     "Writes bench.json and bench.md.")
     p.add_argument("--scale", choices=("cpu", "full", "smoke"), default=None,
                    help="model/data scale (default: full on CUDA, cpu on CPU, smoke with --quick)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--steps", type=int, default=None,
-                   help="timed training steps per configuration (default: 20 on CPU, 50 on CUDA, 2 with --quick)")
+                   help="timed training steps per configuration, and the epoch length of the page2019 comparison "
+                        "(default: 20 on CPU, 50 on CUDA, 2 with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before each timing (default 2, 1 with --quick)")
     p.add_argument("--images", type=int, default=None,
                    help="images per augmentation pass, same for both paths (default 10000, 1024 with --quick)")
@@ -129,7 +141,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Settings:
         p.error("--warmup and --workers must be >= 0")
     if a.threads is not None and a.threads < 1:
         p.error("--threads must be >= 1")
-    cuda = engine.resolve_device(a.device).type == "cuda"
+    cuda = resolve_device(a.device).type == "cuda"
     return Settings(
         scale=a.scale or ("smoke" if a.quick else "full" if cuda else "cpu"),
         device=a.device,
@@ -196,7 +208,7 @@ def environment(s: Settings, device: torch.device) -> dict[str, Any]:
     """Where the figures were measured; stored with them in bench.json and bench.md."""
     return dict(
         date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        device=engine.device_name(device),
+        device=device_name(device),
         torch=torch.__version__,
         cuda=torch.version.cuda if device.type == "cuda" else None,
         python=platform.python_version(),
@@ -217,10 +229,10 @@ def environment(s: Settings, device: torch.device) -> dict[str, Any]:
 def timed(device: torch.device, work: Callable[[], Any]) -> tuple[float, Any]:
     """Seconds that ``work()`` takes, with the device synchronised on both sides so that queued
     kernels are neither charged to the previous region nor left out of this one."""
-    engine.sync(device)
+    sync(device)
     start = time.perf_counter()
     result = work()
-    engine.sync(device)
+    sync(device)
     return time.perf_counter() - start, result
 
 
@@ -317,28 +329,38 @@ def device_precisions(device: torch.device) -> list[tuple[str, str]]:
     CUDA fp32, fp16, fp16_bn32, bf16. A request that maps onto one already listed is left out."""
     seen, out = set(), []
     for name in PRECISIONS:
-        used = engine.resolve_precision(name, device).name
+        used = resolve_precision(name, device).name
         if used not in seen:
             seen.add(used)
             out.append((name, used))
     return sorted(out, key=lambda p: p[1] != "fp32")  # fp32 first: the baseline of the ratios
 
 
+def fit_whitening_on(model: nn.Module, x: Tensor) -> None:
+    """Fit the network's whitening layers (if any) on the batch ``x``. The step comparison has no data
+    set, and an unfitted whitening layer refuses to run; fitted on the random batch it computes a real
+    filter, so every layer after it sees inputs of the usual scale."""
+    for m in model.modules():
+        if isinstance(m, Whitening):
+            m.fit(x.float())
+
+
 def time_train_steps(cfg: DictConfig, device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
     """Images/s of forward + backward + SGD step on one fixed random batch (no data loading), as
     the engine runs a step: its network, loss, optimiser, precision and memory format."""
-    precision = engine.resolve_precision(cfg.precision.name, device)
+    precision, channels_last = run_formats(cfg, device)
     torch.manual_seed(cfg.seed)
     model = engine.build_network(cfg, precision, device)
     optimizer = make_optimizer(model, cfg.optim, cfg.batch_size)
     set_lr(optimizer, BARE_LR, cfg.batch_size)
     criterion = engine.loss_fn(cfg.loss)
     x = torch.randn(cfg.batch_size, 3, 32, 32, device=device).to(precision.param_dtype)
-    x = engine.to_memory_format(x, cfg.precision.channels_last)
+    fit_whitening_on(model, x)
+    x = to_memory_format(x, channels_last)
     y = torch.randint(0, 10, (cfg.batch_size,), device=device)
 
     def step() -> Tensor:
-        with engine.autocast(device, precision.autocast):
+        with autocast(device, precision.autocast):
             loss = criterion(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -438,8 +460,8 @@ def bare_loop(model: nn.Module, x_padded: Tensor, y: Tensor, batch_size: int, st
         dy, dx = random.randint(0, 2 * pad), random.randint(0, 2 * pad)  # host RNG: no device sync
         xb = x_padded[idx, :, dy:dy + 32, dx:dx + 32]
         xb = torch.where(torch.rand(len(idx), 1, 1, 1, device=xb.device) < 0.5, xb.flip(3), xb)
-        xb = engine.to_memory_format(xb, channels_last)
-        with engine.autocast(xb.device, autocast_dtype):
+        xb = to_memory_format(xb, channels_last)
+        with autocast(xb.device, autocast_dtype):
             loss = F.cross_entropy(model(xb).float(), y[idx], reduction="sum")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -451,7 +473,7 @@ def bare_loop(model: nn.Module, x_padded: Tensor, y: Tensor, batch_size: int, st
 def time_bare_loop(cfg: DictConfig, device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
     """The bare loop on the engine's network, data, batch size and precision: ``warmup`` untimed
     steps on a throw-away copy of the model, then ``steps`` timed ones from the fresh model."""
-    precision = engine.resolve_precision(cfg.precision.name, device)
+    precision, channels_last = run_formats(cfg, device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = engine.build_network(cfg, precision, device)
@@ -461,7 +483,7 @@ def time_bare_loop(cfg: DictConfig, device: torch.device, steps: int, warmup: in
     x, y = engine.resident_training_set(images, cfg.augmentation.crop_pad, device, precision.param_dtype)
     args = (x, y, cfg.batch_size)
     kwargs = dict(pad=cfg.augmentation.crop_pad, autocast_dtype=precision.autocast,
-                  channels_last=cfg.precision.channels_last, weight_decay=cfg.optim.weight_decay)
+                  channels_last=channels_last, weight_decay=cfg.optim.weight_decay)
     if warmup:
         bare_loop(copy.deepcopy(model), *args, steps=warmup, **kwargs)
     with StepCounter() as counter:
@@ -473,7 +495,7 @@ def time_bare_loop(cfg: DictConfig, device: torch.device, steps: int, warmup: in
 
 def bench_engine(s: Settings, device: torch.device) -> dict[str, Any]:
     cfg = engine_cfg(s)
-    precision = engine.resolve_precision(cfg.precision.name, device)
+    precision, channels_last = run_formats(cfg, device)
     # Order: the bare loop's warm-up also warms the process for the engine (kernel and allocator
     # caches), which warms up only on CUDA; then the engine; then the bare loop's timed steps.
     bare_warm = time_bare_loop(cfg, device, steps=max(1, s.warmup), warmup=0)
@@ -485,7 +507,7 @@ def bench_engine(s: Settings, device: torch.device) -> dict[str, Any]:
     return dict(
         engine=eng, bare=bare, ratio=r, ratio_with_prep=ratio(eng["images_per_s_with_prep"], bare["images_per_s"]),
         target=ENGINE_TARGET, meets_target=r >= ENGINE_TARGET, recipe=cfg.step.id, arch=cfg.arch.name,
-        precision_used=precision.name, channels_last=bool(cfg.precision.channels_last), batch_size=cfg.batch_size,
+        precision_used=precision.name, channels_last=channels_last, batch_size=cfg.batch_size,
         train_images=int(cfg.scale.train_size), process_warmup_steps=bare_warm["steps"],
         note=("Images/s exclude the engine's one-time preprocessing (normalise, pad, copy to the device, "
               "whitening fit), which its train time includes by design: the bare loop is handed the same "
@@ -496,7 +518,150 @@ def bench_engine(s: Settings, device: torch.device) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# (4) Start-up time of a run
+# (4) ablate's loop against the 2019 loop, per precision, memory layout and allocator setting
+
+
+@dataclass(frozen=True)
+class LoopVariant:
+    """One way of running both loops: the formats asked for and the allocator setting of the process."""
+
+    name: str
+    label: str
+    precision: Optional[str]  # None: the recipe's own, resolved for the device (precision.cpu_half)
+    channels_last: Optional[bool]  # None: the device's own layout (a CPU: channels_last)
+    keep_memory: bool  # keep_cpu_memory() in the measuring process; False: ABLATE_MALLOC=default
+    evaluate: bool  # also time one evaluation of the test set
+
+
+# Before (plain fp32 NCHW, glibc as it comes) to after (the defaults a CPU run now gets), one change at a time.
+LOOP_VARIANTS = (
+    LoopVariant("fp32_nchw_glibc", "fp32 NCHW, glibc defaults", "fp32", False, False, True),
+    LoopVariant("fp32_nchw_kept", "fp32 NCHW, kept memory", "fp32", False, True, False),
+    LoopVariant("fp32_cl_kept", "fp32 channels_last, kept memory", "fp32", True, True, False),
+    LoopVariant("defaults", "defaults (recipe precision, device layout, kept memory)", None, None, True, True),
+)
+LOOP_RECIPES = ("step4", "step8")
+LOOPS = ("engine", "page2019")  # the keys of measure_recipe's results, in table order
+QUICK_TEST_IMAGES = 100  # test images evaluated with --quick
+CHILD_FLAG = "--page2019-child"  # internal: the child process of bench_loops (see run_loop_child)
+
+
+def loop_cfg(s: Settings, recipe: str, variant: LoopVariant, composed: Optional[dict] = None) -> DictConfig:
+    """The recipe in the variant's formats, on a class-balanced subset of ``steps`` x batch images,
+    so that the timed steps are exactly one epoch: its start (whole-set augmentation, per-image
+    choices) weighs on the figures as it does in a real run, per step. ``composed`` caches each
+    recipe's composition (a second of Hydra each): the variants differ only in ``precision.name`` and
+    ``precision.channels_last``, which are set on a copy, as the ``precision`` option and the
+    override would set them."""
+    composed = {} if composed is None else composed
+    if recipe not in composed:
+        composed[recipe] = compose_cfg([f"+step={recipe}", *common_overrides(s)], s.batch_size)
+    cfg = copy.deepcopy(composed[recipe])
+    if variant.precision is not None:
+        cfg.precision.name = variant.precision
+    if variant.channels_last is not None:
+        cfg.precision.channels_last = variant.channels_last
+    train_size = -(-s.steps * cfg.batch_size // 10) * 10  # whole classes; extra images are never batched
+    cfg.scale.train_size = train_size
+    if s.quick:  # evaluation dominates a quick run otherwise; its numbers mean nothing anyway
+        cfg.scale.test_size = QUICK_TEST_IMAGES
+    if s.data == "synthetic":
+        cfg.data.synthetic_size = max(cfg.data.synthetic_size, train_size)
+    validate(cfg)
+    return cfg
+
+
+def measure_loop_variants(s: Settings, names: Sequence[str]) -> dict[str, Any]:
+    """In this process: every recipe x the named variants, both loops each. The allocator setting is
+    the process's (``keep_cpu_memory``, which honours ABLATE_MALLOC=default), as a CPU run sets it."""
+    device = resolve_device(s.device)
+    malloc = keep_cpu_memory() if device.type == "cpu" else dict(malloc="not a CPU run: unchanged")
+    variants = {v.name: v for v in LOOP_VARIANTS}
+    images: dict[tuple, data.Images] = {}
+    composed: dict[str, DictConfig] = {}
+    rows = []
+    for recipe in LOOP_RECIPES:
+        for name in names:
+            cfg = loop_cfg(s, recipe, variants[name], composed)
+            key = (cfg.scale.train_size, cfg.scale.test_size)
+            if key not in images:  # the same subset for every recipe and variant: loaded once
+                images[key] = data.take_subset(data.load_images(cfg.data), cfg.scale)
+            result = bench_page2019.measure_recipe(cfg, images[key], device, s.steps, s.warmup,
+                                                   variants[name].evaluate)
+            rows.append(dict(recipe=recipe, variant=name, **result))
+    return dict(rows=rows, torch_threads=torch.get_num_threads(), pid=os.getpid(), **malloc)
+
+
+def run_loop_child(spec_path: str) -> None:
+    """Entry of the child process (``python -m ablate.bench --page2019-child SPEC``): measure the
+    spec's variants with the parent's settings and write the results where the spec says."""
+    spec = json.loads(Path(spec_path).read_text())
+    s = Settings(**{**spec["settings"], "only": tuple(spec["settings"]["only"])})
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    Path(spec["out"]).write_text(json.dumps(measure_loop_variants(s, spec["variants"])))
+
+
+def spawn_loop_child(s: Settings, names: Sequence[str], keep_memory: bool) -> dict[str, Any]:
+    """Measure ``names`` in a fresh process with the allocator as asked: glibc's setting is
+    process-wide and cannot be undone, so glibc's defaults need a process of their own."""
+    with tempfile.TemporaryDirectory(prefix="ablate-bench-") as tmp:
+        spec, out = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec.write_text(json.dumps(dict(settings=asdict(s), variants=list(names), out=str(out))))
+        env = {k: v for k, v in os.environ.items() if k != "ABLATE_MALLOC"}
+        if not keep_memory:
+            env["ABLATE_MALLOC"] = "default"
+        if s.threads:
+            env["OMP_NUM_THREADS"] = str(s.threads)
+        cmd = [sys.executable, "-m", "ablate.bench", CHILD_FLAG, str(spec)]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+        if proc.returncode == 2 and "ablate.bench:" in proc.stderr:  # a data problem: say it as main() does
+            raise data.DataError(proc.stderr.strip().split("ablate.bench:", 1)[1].strip())
+        if proc.returncode != 0:
+            raise RuntimeError(f"loop measurement failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def loop_rows(children: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """Flatten the children's results into table rows (recipe x variant x loop, in the documented
+    order, each with its process's allocator setting) and evaluation rows; the ablate rows carry
+    ablate / 2019 loop images/s."""
+    found = {(r["recipe"], r["variant"]): dict(r, malloc=c["malloc"]) for c in children for r in c["rows"]}
+    rows, evals = [], []
+    for recipe in LOOP_RECIPES:
+        for v in LOOP_VARIANTS:
+            r = found[(recipe, v.name)]
+            common = dict(recipe=recipe, variant=v.name, variant_label=v.label, precision_used=r["precision_used"],
+                          channels_last=r["channels_last"], malloc=r["malloc"])
+            for key in LOOPS:
+                row = dict(common, loop_key=key, **r[key])
+                if key == "engine":
+                    row["ratio_vs_page2019"] = ratio(r["engine"]["images_per_s"], r["page2019"]["images_per_s"])
+                rows.append(row)
+            if "evaluation" in r:
+                evals.append(dict(common, **r["evaluation"]))
+    return rows, evals
+
+
+def bench_loops(s: Settings, device: torch.device) -> dict[str, Any]:
+    """Both loops on steps 4 and 8 in every variant. The glibc-default variants run in a child process
+    (ABLATE_MALLOC=default), since this process keeps its memory (run_all); the kept-memory ones run
+    here, or in a second child when this process was started with ABLATE_MALLOC=default. One after
+    the other: never side by side on a shared CPU."""
+    groups = [[v.name for v in LOOP_VARIANTS if v.keep_memory == keep] for keep in (False, True)]
+    here = os.environ.get("ABLATE_MALLOC", "") != "default"
+    children = [spawn_loop_child(s, groups[0], keep_memory=False),
+                measure_loop_variants(s, groups[1]) if here else spawn_loop_child(s, groups[1], keep_memory=True)]
+    rows, evals = loop_rows(children)
+    first = children[0]["rows"][0]
+    return dict(rows=rows, evaluation=evals, steps=s.steps, warmup=s.warmup, batch_size=first["batch_size"],
+                train_images=first["train_images"], device=device_name(device),
+                processes=[dict(variants=names, malloc=c["malloc"], torch_threads=c["torch_threads"], pid=c["pid"])
+                           for names, c in zip(groups, children)])
+
+
+# --------------------------------------------------------------------------------------------------
+# (5) Start-up time of a run
 
 
 def bench_startup(s: Settings) -> dict[str, Any]:
@@ -571,10 +736,44 @@ def startup_table(r: dict) -> str:
     return f"{table}\n\n`{r['command']}` ({r['device']}, {r['precision_used']}, data cached)"
 
 
+def _layout(row: dict) -> str:
+    return f"{row['precision_used']} {'channels_last' if row['channels_last'] else 'NCHW'}"
+
+
+def loops_table(r: dict) -> str:
+    rows = [[x["recipe"], x["variant_label"], _layout(x), x["loop"],
+             _f(x["images_per_s"], 0), _f(x["faults_per_step"], 0), _f(x["sys_s_per_step"], 3),
+             f"{x['ratio_vs_page2019']:.2f}" if "ratio_vs_page2019" in x else ""] for x in r["rows"]]
+    table = tabulate(rows, ["recipe", "variant", "ran as", "loop", "images/s", "faults/step", "sys s/step",
+                            "ablate / 2019 loop"], tablefmt="github")
+    ev = [[x["recipe"], x["variant_label"], _layout(x), "flip" if x["tta_flip"] else "none",
+           "EMA copy" if x["on_ema"] else "trained", x["images"], _f(x["seconds"], 2), _f(x["images_per_s"], 0),
+           _f(x["faults"], 0), _f(x["sys_seconds"], 2)] for x in r["evaluation"]]
+    ev_table = tabulate(ev, ["recipe", "variant", "ran as", "TTA", "model", "test images", "seconds", "images/s",
+                             "faults", "sys s"], tablefmt="github")
+    gains = "; ".join(f"{recipe} {loop} {g:.2f}x" for recipe, loop, g in loop_gains(r["rows"]))
+    procs = "; ".join(f"{', '.join(p['variants'])}: {p['malloc']}" for p in r["processes"])
+    notes = (f"{r['steps']} timed steps after {r['warmup']} warm-up steps; the timed steps are one whole epoch of a "
+             f"{r['train_images']}-image subset (batch {r['batch_size']}), so an epoch's start counts once per epoch "
+             f"as in a run. Faults are minor page faults, sys s the kernel's CPU seconds (getrusage). Defaults over "
+             f"fp32 NCHW with glibc defaults: {gains}. Processes: {procs}.")
+    return (f"{table}\n\n{notes}\n\nOne evaluation of the test set (`ablate.train.evaluate`, after one "
+            f"untimed batch):\n\n{ev_table}")
+
+
+def loop_gains(rows: Sequence[dict]) -> list[tuple[str, str, float]]:
+    """(recipe, loop, defaults images/s / fp32-NCHW-glibc images/s): what the CPU defaults buy each loop."""
+    by = {(x["recipe"], x["variant"], x["loop_key"]): x for x in rows}
+    return [(recipe, by[(recipe, "defaults", key)]["loop"],
+             ratio(by[(recipe, "defaults", key)]["images_per_s"], by[(recipe, "fp32_nchw_glibc", key)]["images_per_s"]))
+            for recipe in LOOP_RECIPES for key in LOOPS]
+
+
 SECTIONS = {  # comparison -> (title, table renderer)
     "aug": ("Augmentation throughput", aug_table),
     "step": ("Training-step throughput", step_table),
     "engine": ("Engine against a bare loop", engine_table),
+    "page2019": ("ablate against the 2019 loop, per format and allocator", loops_table),
     "startup": ("Start-up time", startup_table),
 }
 
@@ -608,6 +807,7 @@ def run_comparisons(s: Settings, device: torch.device) -> Iterator[tuple[str, di
         "aug": lambda: bench_augmentation(s, device),
         "step": lambda: bench_steps(s, device),
         "engine": lambda: bench_engine(s, device),
+        "page2019": lambda: bench_loops(s, device),
         "startup": lambda: bench_startup(s),
     }
     for name in s.only:
@@ -619,6 +819,10 @@ def run_comparisons(s: Settings, device: torch.device) -> Iterator[tuple[str, di
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the selected comparisons, print a table per comparison, write bench.json and bench.md."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [CHILD_FLAG]:  # a child process of the page2019 comparison
+        run_loop_child(argv[1])
+        return {}
     s = parse_args(argv)
     threads_before = torch.get_num_threads()
     if s.threads:
@@ -632,10 +836,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def run_all(s: Settings) -> dict:
-    device = engine.resolve_device(s.device)
+    device = resolve_device(s.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the engine does
-    results: dict[str, Any] = dict(env=environment(s, device), settings=asdict(s))
+    # The allocator setting a CPU run makes (process-wide, not undoable), made before anything is
+    # measured so that no comparison depends on whether the engine already ran in this process.
+    memory = keep_cpu_memory() if device.type == "cpu" else {}
+    results: dict[str, Any] = dict(env=dict(environment(s, device), **memory), settings=asdict(s))
     print(env_table(results["env"]), flush=True)
     start = time.perf_counter()
     for name, result in run_comparisons(s, device):

@@ -11,6 +11,7 @@ import copy
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -241,6 +242,41 @@ def steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 
+@dataclass
+class TrainStep:
+    """One training step of the engine, from a batch to updated weights: the LR, the forward pass in
+    the run's precision and layout, the loss, backward, the optional LARS rescale and weight monitor,
+    the optimiser step and the EMA. ``train`` calls it for every batch; the bench times the same object."""
+
+    model: nn.Module  # what the optimiser and the EMA hold
+    forward: nn.Module  # ``model`` or its compiled version
+    optimizer: torch.optim.Optimizer
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    precision: Precision
+    channels_last: bool
+    batch_size: int
+    ema: EMA | None = None
+    monitor: WeightMonitor | None = None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, step_in_epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train on one batch at blog-units LR ``lr``; return the summed loss and the logits."""
+        set_lr(self.optimizer, lr, self.batch_size)
+        with autocast(x.device, self.precision.autocast):
+            logits = self.forward(to_memory_format(x, self.channels_last))
+            loss = self.criterion(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        lars_rescale_(self.optimizer)
+        if self.monitor is not None:
+            self.monitor.before_step()
+        self.optimizer.step()
+        if self.monitor is not None:
+            self.monitor.after_step()
+        if self.ema is not None:
+            self.ema.maybe_update(step_in_epoch)
+        return loss, logits
+
+
 def _cpu_facts(device: torch.device, loop_seconds: float, usage: list, steps: int) -> dict:
     """What a CPU epoch's timing is worth: the process's CPU seconds over the loop, the share of
     its threads' time that it got (well under 1 on a machine busy with other work: ``contended``
@@ -298,10 +334,10 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
     sync(device)
     prep_seconds = time.perf_counter() - start
 
-    optimizer = make_optimizer(model, cfg.optim, cfg.batch_size)
     ema = EMA(model, cfg.ema.momentum, cfg.ema.every) if cfg.ema.enabled else None
-    criterion = loss_fn(cfg.loss)
     monitor = _weight_monitor(model) if cfg.monitor.weights else None
+    step = TrainStep(model, train_model, make_optimizer(model, cfg.optim, cfg.batch_size), loss_fn(cfg.loss),
+                     precision, channels_last, cfg.batch_size, ema, monitor)
     knots = schedule_knots(cfg.schedule, cfg.scale.epochs)
     lr_at = piecewise_linear(knots, schedule_lrs(cfg.schedule))
     n_steps = steps_per_epoch(len(images.train_y), cfg.batch_size, cfg.loader.drop_last)
@@ -320,20 +356,7 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
         for i, (x, y) in enumerate(bar):
             # The LR at the end of this step's share of the epoch, as the 2019 code counts steps.
             lr = lr_at(epoch + (i + 1) / n_steps)
-            set_lr(optimizer, lr, cfg.batch_size)
-            with autocast(device, precision.autocast):
-                logits = train_model(to_memory_format(x, channels_last))
-                loss = criterion(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            lars_rescale_(optimizer)
-            if monitor is not None:
-                monitor.before_step()
-            optimizer.step()
-            if monitor is not None:
-                monitor.after_step()
-            if ema is not None:
-                ema.maybe_update(i)
+            loss, logits = step(x, y, lr, i)
             if first_step_at is None:
                 sync(device)
                 first_step_at = time.time()

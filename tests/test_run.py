@@ -84,3 +84,26 @@ def test_short_real_training_beats_chance_by_a_wide_margin(tmp_path, cache_dir):
                    f"data.root={DATA}", f"data.cache_dir={cache_dir}", "progress=false")
     summary = execute(cfg, tmp_path)
     assert summary["test_acc"] > 30.0, summary
+
+
+def test_resume_never_takes_a_record_of_another_precision_or_layout(tmp_path):
+    """fp16 asked on a CPU may have run as fp32 or bf16, and a layout left to the device differs
+    between a CPU and a GPU: a completed record is reused only for the same precision and layout.
+    Records from before the layout was recorded count as the layout their config named."""
+    from omegaconf import OmegaConf
+
+    from ablate.records import config_key
+    from ablate.run import find_completed, formats_used
+
+    cfg = make_cfg("+step=step4", *SMOKE)
+    execute(cfg, tmp_path / "0")
+    key = config_key(OmegaConf.to_container(cfg, resolve=True))
+    here = formats_used(cfg)
+    assert here == {"precision_used": "fp32", "channels_last": True}  # on this CPU, at the defaults
+    assert find_completed(key, tmp_path, here) == tmp_path / "0"
+    assert find_completed(key, tmp_path, dict(here, precision_used="bf16")) is None
+    assert find_completed(key, tmp_path, dict(here, channels_last=False)) is None
+    summary = read_summary(tmp_path / "0")
+    del summary["channels_last"]  # a record written before the layout was recorded: config says None
+    (tmp_path / "0" / "summary.json").write_text(json.dumps(summary))
+    assert find_completed(key, tmp_path, dict(here, channels_last=False)) == tmp_path / "0"

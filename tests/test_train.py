@@ -202,3 +202,44 @@ def test_train_fits_the_whitening_on_the_sample_before_the_first_step(monkeypatc
     engine.train(cfg)
     n = events[0][1]  # the smoke subset (all of it: fewer than 10k)
     assert events[0] == ("fit", n) and events[1] == ("step",) and sum(e[0] == "fit" for e in events) == 1
+
+
+def test_ema_groups_its_tensors_by_dtype_for_the_fused_update():
+    """fp16_bn32 mixes fp16 weights with fp32 batch norms: the EMA keeps one list per dtype, so each
+    multi-tensor lerp stays on the fused path, and the average is still the closed form."""
+    cfg = make_cfg("+step=step8", "scale=smoke")
+    model = build_network(cfg, resolve_precision("fp16_bn32", torch.device("cuda")), torch.device("cpu"))
+    ema = EMA(model, momentum=0.9, every=1)
+    assert len(ema._groups) == 2
+    assert all(len({t.dtype for t in avg + src}) == 1 for avg, src in ema._groups)
+    floats = [k for k, v in model.state_dict().items() if v.is_floating_point()]
+    assert sum(len(avg) for avg, _ in ema._groups) == len(floats)
+    before = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.maybe_update(0)
+    for k in floats:
+        expected = 0.9 * before[k].float() + 0.1 * model.state_dict()[k].float()
+        torch.testing.assert_close(ema.model.state_dict()[k].float(), expected, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_tf32_flags_are_set_explicitly_and_recorded(monkeypatch, tf32):
+    """"fp32" means fp32 on CUDA: matmul and cuDNN TF32 are set from precision.tf32 (off by default),
+    whatever PyTorch's defaults, and the record keeps them with the CUDA and cuDNN versions."""
+    from ablate.device import set_math_flags
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+        facts = set_math_flags(torch.device("cuda"), tf32)
+        flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = saved
+    assert flags == (tf32, tf32)
+    assert facts["tf32_matmul"] is tf32 and facts["tf32_cudnn"] is tf32 and facts["cuda_capability"] == "8.0"
+    assert {"cuda_version", "cudnn_version"} <= set(facts)
+    assert set_math_flags(torch.device("cpu"), tf32) == {}
