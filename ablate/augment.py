@@ -25,6 +25,10 @@ from ablate.config import AugmentationConfig, LoaderConfig
 from ablate.data import IMAGE_SIZE, normalise, pad_reflect
 from ablate.device import memory_format_of
 
+LOADER_KINDS = ("per_image", "device")  # loader.kind: the 2018 DataLoader path, or the 2019 device path
+PREPROCESS = ("per_image", "once")  # loader.preprocess: per __getitem__ (step 0), or once (step 1_2 on)
+CHOICES = ("per_call", "bulk")  # loader.choices: one RNG call per choice, or an epoch's in bulk (step 1_3 on)
+
 # Images per chunk when the per-image dataset preprocesses the whole set once; bounds the float
 # temporaries to a few hundred MB instead of twice the padded set.
 _PREPROCESS_CHUNK = 8192
@@ -185,9 +189,9 @@ class PerImageDataset(Dataset):
     """
 
     def __init__(self, images: Tensor, labels: Tensor, aug: AugmentationConfig, loader: LoaderConfig):
-        if loader.preprocess not in ("per_image", "once"):
+        if loader.preprocess not in PREPROCESS:
             raise ValueError(f"loader.preprocess={loader.preprocess!r} is not 'per_image' or 'once'")
-        if loader.choices not in ("per_call", "bulk"):
+        if loader.choices not in CHOICES:
             raise ValueError(f"loader.choices={loader.choices!r} is not 'per_call' or 'bulk'")
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")

@@ -38,7 +38,6 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from tabulate import tabulate
 from torch import Tensor, nn
@@ -49,12 +48,13 @@ from ablate import augment, bench_page2019, data
 from ablate import train as engine
 # run_formats: precision and layout as the engine resolves them (ablate.device; cpu_half, channels_last None)
 from ablate.bench_page2019 import formats as run_formats
-from ablate.config import PRECISIONS, validate
+from ablate.device import PRECISIONS
+from ablate.validate import validate
 from ablate.device import (autocast, cpu_count, device_name, keep_cpu_memory, resolve_device, resolve_precision,
                            sync, to_memory_format)
 from ablate.layers import Whitening
 from ablate.optim import make_optimizer, set_lr, to_torch_units
-from ablate.run import CONF_DIR, quote_numeric_choices
+from ablate.compose import compose
 
 COMPARISONS = ("aug", "step", "engine", "page2019", "startup")
 AUG_TARGET = 10.0  # the issue's acceptance target: batched path >= 10x the per-image path
@@ -164,8 +164,7 @@ def compose_cfg(overrides: Sequence[str], batch_size: Optional[int] = None) -> D
     """Compose conf/config.yaml exactly as ``python -m ablate.run`` does, then validate it: the bench
     measures the real recipes, not hand-made dicts. ``batch_size`` replaces the recipe's value
     afterwards (the ``batch_size`` group only offers the published sizes)."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=quote_numeric_choices(list(overrides)))
+    cfg = compose(overrides)
     if batch_size is not None:
         cfg.batch_size = batch_size
     validate(cfg)

@@ -1,9 +1,10 @@
-"""Typed configuration schema and the checks that run before any training.
+"""Typed configuration schema: one dataclass per config group.
 
 Every config group of ``conf/`` fills one of the dataclasses below. Hydra merges the YAML options into
-these typed nodes, so an unknown key or a value of the wrong type fails at composition; ``validate``
-then rejects values that are well-typed but impossible (batch size 0, ghost-BN splits that do not
-divide the batch, ...). This module imports neither torch nor the data, so it is cheap to load.
+these typed nodes, so an unknown key or a value of the wrong type fails at composition;
+``ablate.validate`` then rejects values that are well-typed but impossible (batch size 0, ghost-BN
+splits that do not divide the batch, ...). This module imports neither torch nor the data, so it is
+cheap to load (Hydra loads it at start-up).
 
 Units (journey-facts 0.1): learning rates are per-batch, mean-loss values, exactly as the blog quotes
 them (0.1, 0.4, 1.0 ...); weight decay is the mean-loss coefficient (5e-4). ``ablate.optim`` converts
@@ -16,22 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-
-PRECISIONS = ("fp32", "fp16", "fp16_bn32", "bf16")
-NORM_KINDS = ("batch", "ghost", "none")
-SCALE_INITS = ("one", "uniform")
-ACT_KINDS = ("relu", "celu", "softplus", "shifted_relu")
-INITS = ("default", "he")
-LOADER_KINDS = ("per_image", "device")
-PREPROCESS = ("per_image", "once")
-CHOICES = ("per_call", "bulk")
-STEMS = ("conv", "whiten")
-SHORTCUTS = ("activated", "input")
-DATA_SOURCES = ("auto", "folder", "cifar10", "synthetic")
-TIMINGS = ("with_eval", "train_only")
-UPDATES = ("torch", "page2019")
-CPU_HALF = ("fp32", "bf16")
-
 
 @dataclass
 class ArchConfig:
@@ -82,7 +67,8 @@ class PrecisionConfig:
     # fp16, as in the blog (A3: master weights cost ~1 s and changed nothing).
     name: str = "fp16_bn32"
     # Memory layout: None picks the device's fast one (CPU: channels_last, which oneDNN's convolutions
-    # run natively; CUDA: NCHW as published). true / false force it. The numbers do not change.
+    # run natively; CUDA: NCHW as published). true / false force it. The same arithmetic, summed in
+    # another order by other kernels: results agree up to floating-point rounding.
     channels_last: Optional[bool] = None
     # What fp16 and fp16_bn32 run as on a CPU, which has no fast fp16: 'fp32' or 'bf16' (autocast).
     # The record's precision_used says which ran.
@@ -243,93 +229,4 @@ def update_rule(optim: Any) -> str:
 
 
 class ConfigError(ValueError):
-    """A configuration value that is well-typed but cannot be run."""
-
-
-def _one_of(errors: list[str], key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        errors.append(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
-
-
-def _positive(errors: list[str], key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        errors.append(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
-
-
-def validate(cfg: Any) -> None:
-    """Raise ConfigError naming every impossible value in ``cfg`` (a composed Config)."""
-    from ablate.models import REGISTRY  # local: keeps this module free of torch at import time
-
-    e: list[str] = []
-    if cfg.arch.name not in REGISTRY:
-        e.append(f"arch.name={cfg.arch.name!r} is not registered; choose one of {', '.join(REGISTRY)}")
-    _positive(e, "arch.width_mult", cfg.arch.width_mult)
-    _positive(e, "scale.width_mult", cfg.scale.width_mult)
-    if cfg.arch.stem is not None:
-        _one_of(e, "arch.stem", cfg.arch.stem, STEMS)
-    _one_of(e, "arch.preact_shortcut", cfg.arch.preact_shortcut, SHORTCUTS)
-    _positive(e, "arch.whiten_eps", cfg.arch.whiten_eps)
-    _one_of(e, "arch.init", cfg.arch.init, INITS)
-    _positive(e, "batch_size", cfg.batch_size)
-    _one_of(e, "precision.name", cfg.precision.name, PRECISIONS)
-    _one_of(e, "precision.cpu_half", cfg.precision.cpu_half, CPU_HALF)
-    _positive(e, "augmentation.crop_pad", cfg.augmentation.crop_pad, allow_zero=True)
-    _positive(e, "augmentation.cutout", cfg.augmentation.cutout, allow_zero=True)
-    if cfg.augmentation.cutout > 32:
-        e.append(f"augmentation.cutout={cfg.augmentation.cutout} does not fit in a 32x32 image")
-    _one_of(e, "loader.kind", cfg.loader.kind, LOADER_KINDS)
-    _one_of(e, "loader.preprocess", cfg.loader.preprocess, PREPROCESS)
-    _one_of(e, "loader.choices", cfg.loader.choices, CHOICES)
-    _positive(e, "loader.workers", cfg.loader.workers, allow_zero=True)
-    if cfg.loader.max_options is not None:
-        _positive(e, "loader.max_options", cfg.loader.max_options)
-    _one_of(e, "norm.kind", cfg.norm.kind, NORM_KINDS)
-    _one_of(e, "norm.scale_init", cfg.norm.scale_init, SCALE_INITS)
-    _positive(e, "norm.splits", cfg.norm.splits)
-    if cfg.norm.splits > 0 and cfg.batch_size > 0 and cfg.batch_size % cfg.norm.splits:
-        e.append(f"norm.splits={cfg.norm.splits} does not divide batch_size={cfg.batch_size}")
-    if cfg.norm.splits > 1 and not cfg.loader.drop_last:
-        e.append("ghost batch norm (norm.splits > 1) needs equal splits: set loader.drop_last=true")
-    _one_of(e, "act.kind", cfg.act.kind, ACT_KINDS)
-    _positive(e, "act.alpha", cfg.act.alpha)
-    _positive(e, "act.beta", cfg.act.beta)
-    knots, lrs = list(cfg.schedule.knots), list(cfg.schedule.lr)
-    if len(knots) < 2 or len(knots) != len(lrs):
-        e.append(f"schedule.knots ({len(knots)}) and schedule.lr ({len(lrs)}) need the same length, at least 2")
-    elif any(b < a for a, b in zip(knots, knots[1:])) or knots[0] != 0 or knots[-1] <= 0:
-        e.append(f"schedule.knots={knots} must start at 0, never decrease and end after 0")
-    if any(v < 0 for v in lrs):
-        e.append(f"schedule.lr={lrs} has a negative learning rate")
-    if cfg.schedule.peak is not None and (cfg.schedule.peak < 0 or not any(v > 0 for v in lrs)):
-        e.append(f"schedule.peak={cfg.schedule.peak} needs to be >= 0 and a schedule with a positive LR")
-    if cfg.schedule.stop is not None and not 0 < cfg.schedule.stop <= (knots[-1] if knots else 0):
-        e.append(f"schedule.stop={cfg.schedule.stop} must lie after 0 and not beyond the schedule's "
-                 f"last knot ({knots[-1] if knots else None})")
-    _positive(e, "optim.momentum", cfg.optim.momentum, allow_zero=True)
-    _one_of(e, "optim.update", update_rule(cfg.optim), UPDATES)
-    if cfg.optim.nesterov and cfg.optim.momentum == 0:
-        e.append("optim.nesterov=true needs optim.momentum > 0 (or set optim.nesterov=false)")
-    if update_rule(cfg.optim) == "page2019" and not cfg.optim.nesterov:
-        e.append("optim.update=page2019 is a Nesterov update: it needs optim.nesterov=true")
-    _positive(e, "optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
-    _positive(e, "optim.bias_lr_mult", cfg.optim.bias_lr_mult, allow_zero=True)
-    _positive(e, "optim.bias_wd_mult", cfg.optim.bias_wd_mult, allow_zero=True)
-    _positive(e, "optim.lars_trust", cfg.optim.lars_trust)
-    if not 0 <= cfg.loss.label_smoothing < 1:
-        e.append(f"loss.label_smoothing={cfg.loss.label_smoothing} must be in [0, 1)")
-    _positive(e, "loss.uniform_kl", cfg.loss.uniform_kl, allow_zero=True)
-    if cfg.ema.enabled:
-        if not 0 < cfg.ema.momentum < 1:
-            e.append(f"ema.momentum={cfg.ema.momentum} must be in (0, 1)")
-        _positive(e, "ema.every", cfg.ema.every)
-    _one_of(e, "data.source", cfg.data.source, DATA_SOURCES)
-    for key in ("train_size", "test_size", "epochs"):
-        value = getattr(cfg.scale, key)
-        if value is not None:
-            _positive(e, f"scale.{key}", value)
-    if cfg.scale.train_size is not None and cfg.scale.train_size < cfg.batch_size and cfg.loader.drop_last:
-        e.append(f"scale.train_size={cfg.scale.train_size} is smaller than one batch ({cfg.batch_size}) "
-                 "and loader.drop_last=true leaves no training step")
-    _one_of(e, "step.ref.timing", cfg.step.ref.timing, TIMINGS)
-    if e:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(e))
+    """A configuration value that is well-typed but cannot be run (see ``ablate.validate``)."""

@@ -47,6 +47,7 @@ _CACHE_VERSION = 1
 # Below this many images a process pool costs more (fork + pickling) than it saves.
 _POOL_MIN_IMAGES = 4096
 _CHUNK = 1000
+SOURCES = ("auto", "folder", "cifar10", "synthetic")  # data.source (see the module docstring)
 _CIFAR_DIR = "cifar-10-batches-py"
 _CIFAR_FILES = ("batches.meta", "data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
                 "data_batch_5", "test_batch")
@@ -86,8 +87,8 @@ def load_images(cfg: DataConfig) -> Images:
     """Load the training and test images that ``cfg`` describes (see the module docstring)."""
     if cfg.source == "synthetic":
         return _synthetic(cfg.synthetic_size)
-    if cfg.source not in ("auto", "folder", "cifar10"):
-        raise DataError(f"data.source={cfg.source!r} is not one of auto, folder, cifar10, synthetic")
+    if cfg.source not in SOURCES:
+        raise DataError(f"data.source={cfg.source!r} is not one of {', '.join(SOURCES)}")
     raw_root = cfg.root if cfg.root is not None else os.environ.get(ENV_ROOT) or None
     root = Path(raw_root).expanduser().absolute() if raw_root else None
     cache_dir = Path(cfg.cache_dir).expanduser().absolute()

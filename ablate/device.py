@@ -16,7 +16,6 @@ from typing import Optional
 
 import torch
 
-PRECISIONS = ("fp32", "fp16", "fp16_bn32", "bf16")
 CPU_HALF = ("fp32", "bf16")  # what fp16 and fp16_bn32 become on a CPU (precision.cpu_half)
 
 
@@ -36,6 +35,7 @@ _PRECISIONS = {
     "fp16_bn32": Precision("fp16_bn32", torch.float16, True, None),
     "bf16": Precision("bf16", torch.float32, False, torch.bfloat16),
 }
+PRECISIONS = tuple(_PRECISIONS)  # precision.name
 
 
 def cpu_count() -> int:
@@ -75,8 +75,8 @@ def resolve_precision(name: str, device: torch.device, cpu_half: str = "fp32") -
 
 def resolve_channels_last(value: Optional[bool], device: torch.device) -> bool:
     """``precision.channels_last``: None picks the device's fast layout. On a CPU that is channels_last
-    (oneDNN's convolutions run NHWC natively; the numbers do not change); on CUDA the published
-    recipes' NCHW."""
+    (oneDNN's convolutions run NHWC natively; results agree with NCHW up to floating-point rounding);
+    on CUDA the published recipes' NCHW."""
     return device.type == "cpu" if value is None else bool(value)
 
 

@@ -70,6 +70,9 @@ def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
     return groups
 
 
+UPDATES = ("torch", "page2019")  # optim.update: torch.optim.SGD, or Page2019SGD
+
+
 class Page2019SGD(torch.optim.Optimizer):
     """The 2019 code's Nesterov update (``torch_backend.nesterov_update``, journey-facts 0.2)::
 

@@ -7,8 +7,7 @@
 
 A run killed outright (SIGKILL, a lost node) leaves ``status: running``; a sweep started again runs
 it afresh. A failed run says why in ``failure`` ('error', 'diverged', 'out_of_memory', 'data', ...)
-and ``error``. Each job of a sweep also leaves a one-line outcome in ``<sweep dir>/.ablate_jobs/``,
-from which :class:`SweepCallback` prints the sweep's closing summary and sets its exit status.
+and ``error``. Sweeps (job outcomes, the closing summary, resume lookups) are ``ablate.sweep``'s.
 """
 from __future__ import annotations
 
@@ -18,17 +17,14 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
-from hydra.experimental.callback import Callback
 
 SUMMARY, METRICS, CONFIG = "summary.json", "metrics.jsonl", "config.yaml"
-JOBS = ".ablate_jobs"  # <sweep dir>/.ablate_jobs/<job number>.json: what each job of this invocation did
 
 # Keys that do not change what a run computes; they are left out of the config key.
 _NOT_IN_KEY = ("progress",)
@@ -70,6 +66,9 @@ def config_key(config: dict) -> str:
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+TIMINGS = ("with_eval", "train_only")  # step.ref.timing: the published conventions (published_seconds)
+
+
 def published_seconds(train_seconds: float, eval_seconds: float, prep_seconds: float, timing: str) -> float:
     """A measured time in the convention of the step's published reference (journey-facts 0.3), the
     one rule for a run's total time and for its time to target. The arguments are the run's
@@ -91,6 +90,23 @@ def read_config(run_dir: Path) -> dict | None:
         return config if isinstance(config, dict) else None
     except (OSError, yaml.YAMLError):
         return None
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], bool]:
+    """The epoch rows of a run's metrics.jsonl, and whether a torn line (a killed run's last write)
+    was dropped."""
+    rows, torn = [], False
+    path = Path(run_dir) / METRICS
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not an object")
+                rows.append(row)
+            except ValueError:
+                torn = True
+    return rows, torn
 
 
 @functools.lru_cache(maxsize=1)
@@ -179,106 +195,3 @@ def _torch_version() -> str:
 
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
-
-
-# --------------------------------------------------------------------------------------------------
-# Sweeps: job outcomes and the closing summary. Jobs may run in other processes or on other machines
-# (joblib, submitit), so they report through files in the sweep directory, never through memory.
-
-
-def write_outcome(sweep_dir: Path, job: int, outcome: dict) -> None:
-    """Record what job ``job`` of the current sweep invocation did (completed, skipped or failed)."""
-    jobs = Path(sweep_dir) / JOBS
-    jobs.mkdir(parents=True, exist_ok=True)
-    write_atomic(jobs / f"{job}.json", json.dumps(dict(outcome, job=job), default=str) + "\n")
-
-
-def clear_outcomes(sweep_dir: Path) -> None:
-    """Forget the outcomes of an earlier invocation, so the summary counts only this one's jobs."""
-    for path in (Path(sweep_dir) / JOBS).glob("*.json"):
-        path.unlink(missing_ok=True)
-
-
-def read_outcomes(sweep_dir: Path) -> list[dict]:
-    outcomes = []
-    for path in sorted((Path(sweep_dir) / JOBS).glob("*.json")):
-        try:
-            outcomes.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            outcomes.append({"job": path.stem, "status": "failed", "failure": "unreadable_outcome",
-                             "error": f"unreadable outcome file {path}"})
-    return sorted(outcomes, key=lambda o: (len(str(o.get("job"))), str(o.get("job"))))  # 2 before 10
-
-
-def summarise_sweep(sweep_dir: Path) -> tuple[list[str], list[dict]]:
-    """The closing lines of a sweep (what this invocation's jobs did, then each failure) and the
-    outcomes of the failed jobs. Records left 'running' by a killed job are counted as incomplete."""
-    outcomes = read_outcomes(sweep_dir)
-    count = {s: sum(o.get("status") == s for o in outcomes) for s in ("completed", "failed", "skipped")}
-    accounted = {str(Path(o["run_dir"]).resolve()) for o in outcomes if o.get("run_dir")}
-    incomplete = [p.parent for p in sorted(Path(sweep_dir).glob(f"*/{SUMMARY}"))
-                  if (read_summary(p.parent) or {}).get("status") == "running"
-                  and str(p.parent.resolve()) not in accounted]
-    line = (f"ablate sweep {sweep_dir}: {len(outcomes)} jobs: {count['completed']} completed, "
-            f"{count['failed']} failed, {count['skipped']} skipped (already completed)")
-    if incomplete:
-        line += f"; {len(incomplete)} other run(s) left incomplete (status running: killed?)"
-    lines = [line]
-    failed = [o for o in outcomes if o.get("status") == "failed"]
-    for o in failed:
-        error = str(o.get("error", "")).strip().splitlines()
-        lines.append(f"  failed: job {o.get('job')} ({o.get('run_dir', '?')}): {o.get('failure', 'error')}: "
-                     f"{error[0] if error else ''}")
-    return lines, failed
-
-
-def writable_dir_problem(path: Path) -> str | None:
-    """Why ``path`` cannot serve as an output directory (created if need be), or None when it can."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".ablate-write-test.")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        return f"{type(err).__name__}: {err.strerror or err}"
-    return None
-
-
-class SweepCallback(Callback):
-    """Registered in ``conf/config.yaml`` (``hydra.callbacks``); runs in the process that started Hydra.
-
-    * an output directory that cannot be written stops the command with a message, not a traceback;
-    * a sweep ends with one line, read from the job outcomes on disk, whatever the launcher: how many
-      jobs completed, failed and were skipped as already completed; the command exits with status 1
-      when any job failed (the other jobs have run all the same).
-
-    ``tolerate`` lists failure kinds a sweep expects (``hydra.callbacks.ablate.tolerate=[diverged]``
-    for a study whose point is to find where training diverges): still counted and listed as failed,
-    they do not make the exit status non-zero.
-    """
-
-    def __init__(self, tolerate: Any = ()) -> None:
-        self.tolerate = set(tolerate or ())
-
-    def on_run_start(self, config: Any, **kwargs: Any) -> None:
-        self._check(config.hydra.run.dir, "hydra.run.dir")
-
-    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
-        clear_outcomes(Path(str(config.hydra.sweep.dir)))
-
-    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        lines, failed = summarise_sweep(sweep_dir)
-        print("\n".join(lines), flush=True)
-        if any(o.get("failure") not in self.tolerate for o in failed):
-            sys.exit(1)
-
-    @staticmethod
-    def _check(directory: Any, key: str) -> None:
-        problem = writable_dir_problem(Path(str(directory)))
-        if problem:
-            print(f"ablate: cannot write the output directory {directory} ({problem}); choose another with "
-                  f"{key}=...", file=sys.stderr, flush=True)
-            sys.exit(2)

@@ -23,10 +23,11 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from ablate.records import CONFIG, METRICS, SUMMARY, config_key, published_seconds, read_config  # noqa: E402
+from ablate.compose import CONF_DIR  # noqa: E402
+from ablate.records import CONFIG, METRICS, SUMMARY, config_key, published_seconds, read_config, read_metrics  # noqa: E402
+from ablate.charts import runs_with_curves  # noqa: E402
 from ablate.studies import study_charts  # noqa: E402
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUP_KEYS = ["step", "arch", "scale", "device", "recipe"]  # one aggregate row per recipe, scale, device
 
 
@@ -43,21 +44,6 @@ def journey_order(conf_dir: Path = CONF_DIR) -> list[str]:
         order.append(step)
         step = children.get(step)
     return order
-
-
-def _read_metrics(path: Path) -> tuple[list[dict], bool]:
-    """Epoch rows of a metrics.jsonl; a torn last line (a killed run) is dropped and flagged."""
-    rows, torn = [], False
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError("not an object")
-                rows.append(row)
-            except ValueError:
-                torn = True
-    return rows, torn
 
 
 def _check_numbers(summary: dict) -> None:
@@ -125,7 +111,7 @@ def load_runs(root: Path, target: float | None = None) -> tuple[pd.DataFrame, di
             if config is None:
                 problems.append(f"{run_dir / CONFIG}: missing or unreadable config")
                 config = {}
-            metrics, torn = _read_metrics(run_dir / METRICS)
+            metrics, torn = read_metrics(run_dir)
             if torn:
                 problems.append(f"{run_dir / METRICS}: a torn line was dropped")
             ref = config.get("step", {}).get("ref", {})
@@ -274,10 +260,7 @@ def plot_curves(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], path: Path)
     steps = list(dict.fromkeys(runs.step))
     colours = dict(zip(steps, plt.cm.viridis(np.linspace(0, 0.9, max(len(steps), 1)))))
     labelled = set()
-    for _, r in runs.iterrows():
-        c = curves.get(r.run)
-        if c is None or c.empty:
-            continue
+    for r, c in runs_with_curves(runs, curves, {"epoch", "test_acc"}, order=None):
         label = f"{r.step} ({r.arch})" if r.step not in labelled else None
         labelled.add(r.step)
         ax.plot(c.epoch, c.test_acc, color=colours[r.step], alpha=0.8, label=label)

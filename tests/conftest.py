@@ -5,10 +5,9 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from ablate.run import CONF_DIR, quote_numeric_choices
+from ablate.compose import compose
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("ABLATE_DATA") or REPO.parent / "shared" / "data" / "cifar10-jpeg")
@@ -21,8 +20,7 @@ SMOKE = ["scale=smoke", "data=synthetic", "progress=false"]
 
 def make_cfg(*overrides: str) -> DictConfig:
     """Compose conf/config.yaml exactly as `python -m ablate.run` would, with overrides."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=quote_numeric_choices(list(overrides)))
+    return compose(overrides)
 
 
 @pytest.fixture(scope="session")

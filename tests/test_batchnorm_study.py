@@ -12,7 +12,7 @@ import torch
 
 from ablate.optim import piecewise_linear, schedule_knots, schedule_lrs
 from ablate.records import read_summary
-from ablate.bn_study import plot_bn_stress, signal_propagation
+from ablate.studies.batchnorm import plot_bn_stress, signal_propagation
 from ablate.layers import ShiftedReLU
 from ablate.studies import study_charts
 from tests.conftest import REPO, SMOKE, make_cfg
@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 
 
 def test_stress_schedule_is_0005_times_2_to_the_k_over_2_through_epoch_k():
-    cfg = make_cfg("+experiment=batchnorm", "+post7=stress_bn")
+    cfg = make_cfg("+experiment=batchnorm", "+batchnorm_runs=stress_bn")
     assert schedule_knots(cfg.schedule, cfg.scale.epochs)[-1] == 26  # k = 0..25, see the yaml
     lr_at = piecewise_linear(schedule_knots(cfg.schedule, None), schedule_lrs(cfg.schedule))
     for k in range(26):
@@ -39,7 +39,7 @@ POST7 = ("stress_bn", "stress_no_bn", "stress_frozen_bn", "partial_bn", "partial
 @pytest.mark.parametrize("order", ["experiment first", "run first"])
 def test_experiment_composes_the_post_7_settings(order):
     def compose(run):
-        pair = ["+experiment=batchnorm", f"+post7={run}"]
+        pair = ["+experiment=batchnorm", f"+batchnorm_runs={run}"]
         return make_cfg(*(pair if order == "experiment first" else pair[::-1]))
 
     for run in POST7:
@@ -76,7 +76,7 @@ def test_shifted_relu_standardises_he_preactivations_and_keeps_deep_signals_inpu
 
 
 def test_signal_command_writes_its_chart(tmp_path):
-    from ablate.bn_study import main
+    from ablate.studies.batchnorm import main
 
     main(["signal", "--out", str(tmp_path), "--depth", "4", "--width", "32", "--inputs", "16"])
     assert (tmp_path / "signal_propagation.png").stat().st_size > 0
@@ -90,7 +90,7 @@ def test_end_to_end_five_runs_and_the_report_charts(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     records = [read_summary(p.parent) for p in sorted(sweep.glob("*/summary.json"))]
     assert len(records) == 5
-    assert {r["choices"]["post7"] for r in records} == set(POST7)
+    assert {r["choices"]["batchnorm_runs"] for r in records} == set(POST7)
     assert all(r["choices"]["experiment"] == "batchnorm" and r["arch"] == "simple" for r in records)
     partial = [r for r in records if r["step"] == "bn_partial"]
     assert [r["epochs"] for r in partial] == [1, 1]  # smoke: 20 epochs -> 2, stopped at 10 -> 1

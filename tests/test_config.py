@@ -3,7 +3,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from ablate.config import ConfigError, validate
+from ablate.config import ConfigError
+from ablate.validate import validate
 from tests.conftest import make_cfg
 
 

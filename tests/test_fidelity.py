@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 import ablate.train as train_mod
-from ablate.config import OptimConfig, validate
+from ablate.config import OptimConfig
+from ablate.validate import validate
 from ablate.device import resolve_precision
 from ablate.layers import GhostBatchNorm, ShiftedReLU
 from ablate.optim import Page2019SGD, make_optimizer, schedule_knots, schedule_lrs, set_lr, training_epochs

@@ -93,7 +93,7 @@ def test_resume_never_takes_a_record_of_another_precision_or_layout(tmp_path):
     from omegaconf import OmegaConf
 
     from ablate.records import config_key
-    from ablate.run import find_completed, formats_used
+    from ablate.sweep import find_completed, formats_used
 
     cfg = make_cfg("+step=step4", *SMOKE)
     execute(cfg, tmp_path / "0")

@@ -1,11 +1,10 @@
 """The journey as configs: every step composes and runs, and each is its predecessor plus its row."""
 import dataclasses
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from ablate.config import validate
+from ablate.validate import validate
 from ablate.models import REGISTRY, customise
 from ablate.records import read_summary
 from ablate.run import execute

@@ -12,8 +12,8 @@ from hydra.errors import HydraException
 
 from ablate.records import read_summary
 from ablate.report import write_report
-from ablate.studies import (CoordinateDescentSweeper, Point, coordinate_descent, moved_axis, replay,
-                            study_charts)
+from ablate.descent import CoordinateDescentSweeper, Point, coordinate_descent, moved_axis, replay
+from ablate.studies import study_charts
 from tests.conftest import REPO, SMOKE, make_cfg
 
 START = Point(lr=0.001, momentum=0.5, weight_decay=0.01)  # Post 5's bad start

@@ -9,12 +9,14 @@ import time
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from ablate.compose import compose
 import ablate.run as run
-from ablate.records import read_summary, summarise_sweep
-from ablate.run import CONF_DIR, claim_gpu, execute, failure_kind, joblib_jobs, place_job
+import ablate.sweep as sweep_module
+from ablate.records import read_summary
+from ablate.run import execute, failure_kind
+from ablate.sweep import claim_gpu, joblib_jobs, place_job, summarise_sweep
 from tests.conftest import REPO, SMOKE, make_cfg
 
 pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="pip install 'ablate[parallel]'")
@@ -41,7 +43,7 @@ def test_joblib_jobs_write_their_records_at_once_and_lose_nothing(tmp_path):
     done = _completed(sweep)
     assert sorted(s["seed"] for s in done.values()) == [0, 1, 2, 3]
     assert len({s["config_key"] for s in done.values()}) == 4
-    assert {s["torch_threads"] for s in done.values()} == {max(1, run.cpu_count() // 2)}
+    assert {s["torch_threads"] for s in done.values()} == {max(1, sweep_module.cpu_count() // 2)}
     for name in done:  # every epoch row of every run, no half-written or temporary file left
         rows = (sweep / name / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
@@ -159,7 +161,7 @@ def test_place_job_shares_the_cpu_threads(launcher, threads):
     before = torch.get_num_threads()
     try:
         facts = place_job(OmegaConf.create({"launcher": launcher, "job": {"num": 3}}), OmegaConf.create({"device": "cpu"}))
-        expected = max(1, run.cpu_count() // 2) if threads == "half" else threads
+        expected = max(1, sweep_module.cpu_count() // 2) if threads == "half" else threads
         assert facts.get("torch_threads") == expected and "cuda_index" not in facts
         assert torch.get_num_threads() == (expected or before)
     finally:
@@ -173,7 +175,7 @@ def test_place_job_makes_the_claimed_gpu_current(monkeypatch, device, pinned):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", calls.append)
-    monkeypatch.setattr(run, "claim_gpu", lambda n, preferred: ((preferred + 1) % n, True))
+    monkeypatch.setattr(sweep_module, "claim_gpu", lambda n, preferred: ((preferred + 1) % n, True))
     hydra_cfg = OmegaConf.create({"launcher": {"_target_": "x.BasicLauncher"}, "job": {"num": 4}})
     facts = place_job(hydra_cfg, OmegaConf.create({"device": device}))
     placed = {"cuda_index": 1, "gpu_shared": False, "jobs_per_gpu": 1}
@@ -187,7 +189,7 @@ def test_parallel_jobs_on_one_gpu_are_recorded_as_shared(monkeypatch, gpus, n_jo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
-    monkeypatch.setattr(run, "claim_gpu", lambda n, preferred: (0, True))
+    monkeypatch.setattr(sweep_module, "claim_gpu", lambda n, preferred: (0, True))
     before = torch.get_num_threads()
     try:
         hydra_cfg = OmegaConf.create({"launcher": {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": n_jobs},
@@ -201,19 +203,19 @@ def test_parallel_jobs_on_one_gpu_are_recorded_as_shared(monkeypatch, gpus, n_jo
 def test_each_process_claims_a_gpu_of_its_own(tmp_path, monkeypatch, caplog):
     """flock locks are per open file, so claims in one process stand for claims of separate workers."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
-    monkeypatch.setattr(run, "_claimed_gpu", None)
+    monkeypatch.setattr(sweep_module, "_claimed_gpu", None)
     assert claim_gpu(2, preferred=1, lock_dir=tmp_path) == (1, True)  # job 1 first: its own GPU, 1
     assert claim_gpu(2, preferred=0, lock_dir=tmp_path) == (1, True)  # the same worker keeps it for later jobs
-    held = run._claimed_gpu
-    monkeypatch.setattr(run, "_claimed_gpu", None)  # another worker: GPU 1 (physical 6) is held
+    held = sweep_module._claimed_gpu
+    monkeypatch.setattr(sweep_module, "_claimed_gpu", None)  # another worker: GPU 1 (physical 6) is held
     assert claim_gpu(2, preferred=1, lock_dir=tmp_path) == (0, True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-4.lock", "gpu-6.lock"]
-    other = run._claimed_gpu
-    monkeypatch.setattr(run, "_claimed_gpu", None)  # a third worker on two GPUs: shares, and says so
+    other = sweep_module._claimed_gpu
+    monkeypatch.setattr(sweep_module, "_claimed_gpu", None)  # a third worker on two GPUs: shares, and says so
     assert claim_gpu(2, preferred=1, lock_dir=tmp_path) == (1, False) and "shares GPU 1" in caplog.text
     held[1].close()  # a worker that ends (or is killed) frees its GPU
     assert claim_gpu(2, preferred=0, lock_dir=tmp_path) == (1, True)
-    run._claimed_gpu[1].close()
+    sweep_module._claimed_gpu[1].close()
     other[1].close()
 
 
@@ -225,10 +227,8 @@ def test_slurm_example_config_renders_the_expected_sbatch_lines(tmp_path, monkey
     import submitit
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", return_hydra_config=True,
-                      overrides=["hydra/launcher=slurm_example", "hydra.launcher.partition=gpu",
-                                 f"hydra.sweep.dir={tmp_path}", "hydra.job.name=run"])
+    cfg = compose(["hydra/launcher=slurm_example", "hydra.launcher.partition=gpu", f"hydra.sweep.dir={tmp_path}",
+                   "hydra.job.name=run"], return_hydra_config=True)
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert params.pop("_target_").endswith("SlurmLauncher")
     # What the plugin's launch() does with these parameters, up to the sbatch file (no cluster here).
@@ -245,7 +245,8 @@ def test_slurm_example_config_renders_the_expected_sbatch_lines(tmp_path, monkey
 
 
 def test_sweep_summary_counts_this_invocations_jobs(tmp_path):
-    from ablate.records import RunRecord, clear_outcomes, write_outcome
+    from ablate.records import RunRecord
+    from ablate.sweep import clear_outcomes, write_outcome
 
     cfg = {"step": {"id": "step4"}, "arch": {"name": "resnet9"}, "seed": 0, "scale": {"name": "smoke"},
            "precision": {"name": "fp32"}}
@@ -263,7 +264,7 @@ def test_sweep_summary_counts_this_invocations_jobs(tmp_path):
 
 
 def test_callback_exit_status_and_tolerated_failure_kinds(tmp_path, capsys):
-    from ablate.records import SweepCallback, write_outcome
+    from ablate.sweep import SweepCallback, write_outcome
 
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
     SweepCallback().on_multirun_start(config)
@@ -274,3 +275,18 @@ def test_callback_exit_status_and_tolerated_failure_kinds(tmp_path, capsys):
         SweepCallback().on_multirun_end(config)
     assert exit_.value.code == 1
     assert "2 jobs: 1 completed, 1 failed, 0 skipped" in capsys.readouterr().out
+
+
+def test_a_sweep_dir_from_before_the_restructure_resumes_with_nothing_rerun(tmp_path):
+    """tests/data/sweep_before_restructure was written by the commit before the modules moved
+    (25d6f3e: `-m +step=step8 scale=smoke data=synthetic progress=false seed=0,1`). The same sweep
+    started on today's code finds both runs completed and trains nothing."""
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(REPO / "tests" / "data" / "sweep_before_restructure", sweep)
+    out = subprocess.run([sys.executable, "-m", "ablate.run", "-m", "+step=step8", "scale=smoke", "data=synthetic",
+                          "progress=false", "seed=0,1", f"hydra.sweep.dir={sweep}"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "2 jobs: 0 completed, 0 failed, 2 skipped" in out.stdout + out.stderr

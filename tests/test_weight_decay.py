@@ -19,7 +19,7 @@ from ablate.config import ActConfig, NormConfig
 from ablate.optim import lars_rescale_, make_optimizer, set_lr
 from ablate.records import read_summary
 from ablate.train import WeightMonitor
-from ablate.wd_study import equilibrium_step, plot_weight_decay
+from ablate.studies.weight_decay import equilibrium_step, plot_weight_decay
 from tests.conftest import REPO, SMOKE, make_cfg
 
 matplotlib.use("Agg")
@@ -135,7 +135,7 @@ POST6 = ("lr0.1_wd2e-3", "lr0.2_wd1e-3", "lr0.4_wd5e-4", "lr0.8_wd2.5e-4", "lr1.
 def test_experiment_holds_lr_times_weight_decay_fixed_and_monitors_weights():
     products = set()
     for run in POST6:
-        cfg = make_cfg("+step=step6", f"+post6={run}", "+experiment=weight_decay")
+        cfg = make_cfg("+step=step6", f"+weight_decay_runs={run}", "+experiment=weight_decay")
         assert cfg.monitor.weights and cfg.arch.name == "resnet9" and cfg.optim.lars == run.startswith("lars")
         if cfg.optim.weight_decay:
             products.add(round(cfg.schedule.peak * cfg.optim.weight_decay, 12))
@@ -146,7 +146,7 @@ def test_end_to_end_smoke_sweep_and_chart(tmp_path):
     sweep = tmp_path / "wd"
     some = "lr0.1_wd2e-3,lr0.4_wd5e-4,lr0.4_wd0,lars_lr0.4_wd5e-4"
     out = subprocess.run([sys.executable, "-m", "ablate.run", "-m", "+experiment=weight_decay", *SMOKE,
-                          f"+post6={some}", f"hydra.sweep.dir={sweep}"], cwd=REPO, capture_output=True,
+                          f"+weight_decay_runs={some}", f"hydra.sweep.dir={sweep}"], cwd=REPO, capture_output=True,
                          text=True, timeout=600, env=dict(os.environ))
     assert out.returncode == 0, out.stderr[-3000:]
     records = [read_summary(p.parent) for p in sorted(sweep.glob("*/summary.json"))]

@@ -7,9 +7,9 @@ computation that is not a training run.
   of 20 epochs, per-epoch curves and the final train/test accuracy beside the blog's;
 * ``signal_propagation`` / ``plot_signal_propagation``: the post's 50-layer fully connected ReLU net,
   where every channel's output becomes almost the same for every input, and the "frozen BN"
-  (shifted ReLU) that keeps it input-dependent: ``python -m ablate.bn_study signal --out DIR``.
+  (shifted ReLU) that keeps it input-dependent: ``python -m ablate.studies.batchnorm signal --out DIR``.
 
-The runs come from ``+experiment=batchnorm`` (conf/post7/ names each run); ``ablate.studies.study_charts``
+The runs come from ``+experiment=batchnorm`` (conf/batchnorm_runs/ names each run); ``ablate.studies.study_charts``
 calls the plots when the report meets those runs. pandas and matplotlib are imported inside functions.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ablate.layers import ShiftedReLU
-from ablate.studies import PANEL_KEYS, _panels
+from ablate.charts import panel_groups, panels, runs_with_curves
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -36,18 +36,20 @@ BN_STRESS_BLOG_NAN_LR = 0.32  # the no-BN loss is NaN at the blog's epoch 12 (LR
 # Partial training after 10 of 20 epochs: (train %, test %).
 BN_PARTIAL_BLOG = {"BN": (85.8, 80.7), "no BN": (83.3, 83.9)}
 
-RUN_LABELS = {  # conf/post7/ option -> what the chart calls the run
+RUN_LABELS = {  # conf/batchnorm_runs/ option -> what the chart calls the run
     "stress_bn": "BN (affine frozen)", "stress_no_bn": "no BN",
     "stress_frozen_bn": "frozen BN (shifted ReLU, He init)", "partial_bn": "BN", "partial_no_bn": "no BN",
 }
-NORM_LABELS = {"batchnorm_frozen_affine": "BN (affine frozen)", "none": "no BN"}  # records without post7
+NORM_LABELS = {"batchnorm_frozen_affine": "BN (affine frozen)", "none": "no BN"}  # records without a run option
 
 
 def run_label(run: "pd.Series") -> str:
-    """The chart label of a Post 7 run: its conf/post7 option, or (older records) its norm option."""
-    post7 = run.get("choice.post7")
-    if isinstance(post7, str):
-        return RUN_LABELS.get(post7, post7)
+    """The chart label of a Post 7 run: its conf/batchnorm_runs option (``post7`` in records made
+    before that group was renamed), or (older records still) its norm option."""
+    option = next((v for v in (run.get("choice.batchnorm_runs"), run.get("choice.post7")) if isinstance(v, str)),
+                  None)
+    if option is not None:
+        return RUN_LABELS.get(option, option)
     norm = run.get("choice.norm", "?")
     return NORM_LABELS.get(norm, f"norm={norm}")
 
@@ -72,13 +74,10 @@ def plot_bn_stress(runs: "pd.DataFrame", curves: dict[str, "pd.DataFrame"], path
     a run's train loss became non-finite, a red x marks that epoch (its row's LR and accuracy) and a
     dotted line its LR; a run that failed otherwise is marked at its last row. The blog's quoted
     points are drawn hollow for comparison. One panel per scale and device."""
-    groups = list(runs.groupby(PANEL_KEYS, sort=True))
-    fig, axes = _panels(len(groups), 11.5, 5.5)
+    groups = panel_groups(runs)
+    fig, axes = panels(len(groups), 11.5, 5.5)
     for ax, ((scale, device), g) in zip(axes, groups):
-        for _, r in g.sort_values("run").iterrows():
-            curve = curves.get(r["run"])
-            if curve is None or curve.empty or not {"lr", "train_acc"} <= set(curve):
-                continue
+        for r, curve in runs_with_curves(g, curves, {"lr", "train_acc"}):
             label = _line_label(r, g)
             stop = _diverged_at(curve)
             shown = curve if stop is None else curve.iloc[:stop + 1]
@@ -115,14 +114,11 @@ def plot_bn_partial(runs: "pd.DataFrame", curves: dict[str, "pd.DataFrame"], pat
     accuracy of each run, and bars of the last epoch's train and test accuracy beside the blog's."""
     import numpy as np
 
-    groups = list(runs.groupby(PANEL_KEYS, sort=True))
-    fig, axes = _panels(2 * len(groups), 6, 4.5)
+    groups = panel_groups(runs)
+    fig, axes = panels(2 * len(groups), 6, 4.5)
     for (ax, bars), ((scale, device), g) in zip(zip(axes[::2], axes[1::2]), groups):
         finals = []
-        for _, r in g.sort_values("run").iterrows():
-            curve = curves.get(r["run"])
-            if curve is None or curve.empty or not {"train_acc", "test_acc"} <= set(curve):
-                continue
+        for r, curve in runs_with_curves(g, curves, {"train_acc", "test_acc"}):
             label = _line_label(r, g)
             (line,) = ax.plot(curve.epoch, curve.train_acc, marker="o", markersize=3, label=f"{label} train")
             ax.plot(curve.epoch, curve.test_acc, "--", marker="o", markersize=3, color=line.get_color(),
@@ -196,7 +192,7 @@ def plot_signal_propagation(path: Path, depth: int = 50, width: int = 2048, inpu
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ablate.bn_study",
+    parser = argparse.ArgumentParser(prog="python -m ablate.studies.batchnorm",
                                      description="Post 7 charts that need no training run.")
     parser.add_argument("chart", choices=["signal"], help="signal: the 50-layer signal-propagation demo")
     parser.add_argument("--out", type=Path, default=Path("."), help="directory for signal_propagation.png")

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ablate.studies import PANEL_KEYS
+from ablate.charts import panel_groups, runs_with_curves
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 
 
 def run_label(run: "pd.Series") -> str:
-    """'λ=0.4, α=5e-4' from the run's max LR and weight decay, '+ LARS' for a conf/post6 LARS run."""
-    lars = "lars" in str(run.get("choice.post6", "")) or bool(run.get("lars", False))
+    """'λ=0.4, α=5e-4' from the run's max LR and weight decay, '+ LARS' for a conf/weight_decay_runs LARS run."""
+    option = f'{run.get("choice.weight_decay_runs", "")} {run.get("choice.post6", "")}'  # post6: the group's old name
+    lars = "lars" in option or bool(run.get("lars", False))
     return f"λ={run['lr_peak']:g}, α={run['weight_decay']:g}" + (" + LARS" if lars else "")
 
 
@@ -52,16 +53,13 @@ def plot_weight_decay(runs: "pd.DataFrame", curves: dict[str, "pd.DataFrame"], p
     import matplotlib.pyplot as plt
     import numpy as np
 
-    groups = list(runs.groupby(PANEL_KEYS, sort=True))
+    groups = panel_groups(runs)
     fig, grid = plt.subplots(len(groups), 4, figsize=(24, 5 * len(groups)), squeeze=False)
     for axes, ((scale, device), g) in zip(grid, groups):
         norm_ax, step_ax, layer_ax, acc_ax = axes
         guides: dict[float, tuple] = {}
         finals = []
-        for _, r in g.sort_values(["weight_decay", "lr_peak"]).iterrows():
-            curve = curves.get(r["run"])
-            if curve is None or curve.empty or "weight_norm" not in curve:
-                continue
+        for r, curve in runs_with_curves(g, curves, {"weight_norm"}, order=["weight_decay", "lr_peak"]):
             label = run_label(r)
             norms, steps = layer_table(curve, "weight_norm"), layer_table(curve, "effective_step")
             (line,) = norm_ax.plot(norms.index, np.sqrt((norms ** 2).sum(axis=1)), marker="o", markersize=3,

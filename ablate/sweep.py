@@ -1,0 +1,283 @@
+"""Sweeps: where each job runs, which jobs already completed, and what the sweep did.
+
+* Job placement (``place_job``): a job of a parallel sweep takes its share of the CPU threads and
+  claims a GPU of its own when it can, and its record says when a GPU was shared.
+* Resume (``find_completed``): a recipe that already completed in the sweep directory, in the same
+  precision and layout, is not run again.
+* Outcomes (``write_outcome``, ``SweepCallback``): each job leaves a one-line outcome in
+  ``<sweep dir>/.ablate_jobs/``; the callback prints the closing summary and sets the exit status.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from ablate.device import cpu_count, resolve_channels_last, resolve_device, resolve_precision
+from ablate.records import SUMMARY, config_key, read_config, read_summary, write_atomic
+
+log = logging.getLogger("ablate")
+
+JOBS = ".ablate_jobs"  # <sweep dir>/.ablate_jobs/<job number>.json: what each job of this invocation did
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume
+
+
+def formats_used(cfg: DictConfig) -> dict:
+    """The precision and memory layout this recipe runs in on this machine (``ablate.device``)."""
+    device = resolve_device(cfg.device)
+    return dict(precision_used=resolve_precision(cfg.precision.name, device, cfg.precision.cpu_half).name,
+                channels_last=resolve_channels_last(cfg.precision.channels_last, device))
+
+
+def _recorded_formats(summary: dict, config: dict) -> dict:
+    # Records from before the layout was recorded ran the layout their config named (false or true).
+    layout = summary.get("channels_last", bool(config.get("precision", {}).get("channels_last")))
+    return dict(precision_used=summary.get("precision_used"), channels_last=layout)
+
+
+# summary.json path -> (its mtime, the record's key and formats when completed, else None). The key
+# of a record is computed once per process, so looking up every job of a sweep stays linear.
+_completed_cache: dict[Path, tuple[int, tuple[str, dict] | None]] = {}
+
+
+def _completed_key(summary_path: Path) -> tuple[str, dict] | None:
+    """(config key, formats) of the completed record at ``summary_path``; None when not completed."""
+    try:
+        stamp = summary_path.stat().st_mtime_ns
+    except OSError:
+        return None
+    cached = _completed_cache.get(summary_path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    summary, config = read_summary(summary_path.parent), read_config(summary_path.parent)
+    done = None
+    if summary and summary.get("status") == "completed" and config:
+        # The key is recomputed from the recorded config: records older than a schema field match.
+        done = (config_key(config), _recorded_formats(summary, config))
+    _completed_cache[summary_path] = (stamp, done)
+    return done
+
+
+def find_completed(key: str, sweep_dir: Path, formats: dict | None = None) -> Path | None:
+    """A run directory of ``sweep_dir`` that already completed the recipe with this config key and,
+    when ``formats`` is given, ran in that precision and layout (``fp16`` on a CPU may have run as
+    fp32 or bf16, and ``channels_last`` left to the device resolves differently on a CPU and a GPU:
+    a record of one is never taken for a run of another)."""
+    for path in sorted(Path(sweep_dir).glob(f"*/{SUMMARY}")):
+        done = _completed_key(path)
+        if done is not None and done[0] == key and (formats is None or done[1] == formats):
+            return path.parent
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Job placement: which GPU and how many CPU threads a sweep job gets
+
+
+def joblib_jobs(n_jobs: int | None, cpus: int) -> int:
+    """How many jobs joblib runs at once for ``n_jobs`` (-1: one per CPU, -2: all but one, ...)."""
+    if n_jobs is None or n_jobs == 0:
+        return 1
+    return n_jobs if n_jobs > 0 else max(1, cpus + 1 + n_jobs)
+
+
+_claimed_gpu: tuple[int, object] | None = None  # (index, locked file) held for this process's life
+
+
+def claim_gpu(n_gpus: int, preferred: int, lock_dir: Path | None = None) -> tuple[int, bool]:
+    """A GPU index for this process that no other ablate process on this machine holds.
+
+    Jobs of a parallel sweep do not finish in launch order, so ``job number % GPUs`` alone can put two
+    running jobs on one GPU. Instead each process takes an exclusive lock (flock, released by the
+    kernel when the process ends, even on SIGKILL) on one GPU, starting from ``preferred``, and keeps
+    it for every later job it runs: a reused joblib worker stays on its GPU, with its CUDA context. When
+    every GPU is held (more parallel jobs than GPUs) the job shares ``preferred`` and says so.
+    Returns the index and whether this process holds it alone (False: shared, or placement by number).
+    """
+    global _claimed_gpu
+    if _claimed_gpu is not None and _claimed_gpu[0] < n_gpus:
+        return _claimed_gpu[0], True
+    try:
+        import fcntl
+    except ImportError:  # not on a POSIX system: job number modulo the GPU count
+        return preferred % n_gpus, False
+    lock_dir = lock_dir or Path(tempfile.gettempdir()) / f"ablate-gpu-locks-{os.getuid()}"
+    # Named by the physical GPU where CUDA_VISIBLE_DEVICES says which, so processes that see
+    # different subsets of the machine's GPUs still agree on what is taken.
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    for i in range(n_gpus):
+        k = (preferred + i) % n_gpus
+        try:
+            lock_dir.mkdir(parents=True, exist_ok=True)
+            handle = open(lock_dir / f"gpu-{visible[k] if k < len(visible) else k}.lock", "a")
+        except OSError as err:  # no lock directory: placement by job number, never a failed job
+            log.warning("cannot use GPU lock files in %s (%s); job placed on GPU %d by its number",
+                        lock_dir, err, preferred % n_gpus)
+            return preferred % n_gpus, False
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        _claimed_gpu = (k, handle)
+        return k, True
+    log.warning("all %d GPUs are held by other ablate processes: this job shares GPU %d, so its seconds "
+                "are not an exclusive timing (run fewer parallel jobs, e.g. hydra.launcher.n_jobs=%d)",
+                n_gpus, preferred % n_gpus, n_gpus)
+    return preferred % n_gpus, False
+
+
+def place_job(hydra_cfg: DictConfig, cfg: DictConfig) -> dict:
+    """Give a sweep job its share of the machine before it touches a device; return what was chosen.
+
+    CPU threads: joblib runs ``n_jobs`` jobs at once, each gets ``cpus // n_jobs`` torch threads;
+    submitit gets ``cpus_per_task`` when set (submitit_local without it starts a whole batch of jobs
+    at once on this machine: one thread each). The basic launcher runs one job at a time: unchanged.
+
+    GPU: with several GPUs visible and ``device`` left to choose (auto or cuda), the job's process
+    claims one (``claim_gpu``) and makes it the current device with ``torch.cuda.set_device``; the
+    recipe's ``device`` stays as written, so the resume key of a run does not depend on its GPU.
+    (CUDA_VISIBLE_DEVICES is not used: it only acts before CUDA starts in a process, and joblib's
+    workers run many jobs each.) Under SLURM each job sees only the GPUs allocated to it.
+    """
+    facts: dict = {}
+    launcher = hydra_cfg.launcher
+    target = str(launcher.get("_target_", ""))
+    threads, parallel = None, 1
+    if "joblib" in target:
+        parallel = joblib_jobs(launcher.get("n_jobs", -1), cpu_count())
+        threads = max(1, cpu_count() // parallel)
+    elif "submitit" in target:
+        if launcher.get("cpus_per_task"):
+            threads = int(launcher.cpus_per_task)
+        elif target.endswith("LocalLauncher"):
+            threads = 1
+        if target.endswith("LocalLauncher"):  # every job of the batch on this machine (SLURM: own GPUs)
+            parallel = int(launcher.get("array_parallelism") or 1)
+    if threads is not None:
+        torch.set_num_threads(threads)
+        facts["torch_threads"] = threads
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if str(cfg.device) in ("auto", "cuda") and n_gpus and (n_gpus > 1 or parallel > 1):
+        index, held = claim_gpu(n_gpus, int(hydra_cfg.job.get("num") or 0))
+        torch.cuda.set_device(index)
+        # Jobs that train on one GPU at once slow each other down: their seconds are not exclusive
+        # timings, and the record says so (the report marks them). One job per GPU is exclusive.
+        per_gpu = math.ceil(parallel / n_gpus)
+        facts.update(cuda_index=index, gpu_shared=per_gpu > 1 or not held, jobs_per_gpu=per_gpu)
+    return facts
+
+
+# --------------------------------------------------------------------------------------------------
+# Sweeps: job outcomes and the closing summary. Jobs may run in other processes or on other machines
+# (joblib, submitit), so they report through files in the sweep directory, never through memory.
+
+
+def write_outcome(sweep_dir: Path, job: int, outcome: dict) -> None:
+    """Record what job ``job`` of the current sweep invocation did (completed, skipped or failed)."""
+    jobs = Path(sweep_dir) / JOBS
+    jobs.mkdir(parents=True, exist_ok=True)
+    write_atomic(jobs / f"{job}.json", json.dumps(dict(outcome, job=job), default=str) + "\n")
+
+
+def clear_outcomes(sweep_dir: Path) -> None:
+    """Forget the outcomes of an earlier invocation, so the summary counts only this one's jobs."""
+    for path in (Path(sweep_dir) / JOBS).glob("*.json"):
+        path.unlink(missing_ok=True)
+
+
+def read_outcomes(sweep_dir: Path) -> list[dict]:
+    outcomes = []
+    for path in sorted((Path(sweep_dir) / JOBS).glob("*.json")):
+        try:
+            outcomes.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            outcomes.append({"job": path.stem, "status": "failed", "failure": "unreadable_outcome",
+                             "error": f"unreadable outcome file {path}"})
+    return sorted(outcomes, key=lambda o: (len(str(o.get("job"))), str(o.get("job"))))  # 2 before 10
+
+
+def summarise_sweep(sweep_dir: Path) -> tuple[list[str], list[dict]]:
+    """The closing lines of a sweep (what this invocation's jobs did, then each failure) and the
+    outcomes of the failed jobs. Records left 'running' by a killed job are counted as incomplete."""
+    outcomes = read_outcomes(sweep_dir)
+    count = {s: sum(o.get("status") == s for o in outcomes) for s in ("completed", "failed", "skipped")}
+    accounted = {str(Path(o["run_dir"]).resolve()) for o in outcomes if o.get("run_dir")}
+    incomplete = [p.parent for p in sorted(Path(sweep_dir).glob(f"*/{SUMMARY}"))
+                  if (read_summary(p.parent) or {}).get("status") == "running"
+                  and str(p.parent.resolve()) not in accounted]
+    line = (f"ablate sweep {sweep_dir}: {len(outcomes)} jobs: {count['completed']} completed, "
+            f"{count['failed']} failed, {count['skipped']} skipped (already completed)")
+    if incomplete:
+        line += f"; {len(incomplete)} other run(s) left incomplete (status running: killed?)"
+    lines = [line]
+    failed = [o for o in outcomes if o.get("status") == "failed"]
+    for o in failed:
+        error = str(o.get("error", "")).strip().splitlines()
+        lines.append(f"  failed: job {o.get('job')} ({o.get('run_dir', '?')}): {o.get('failure', 'error')}: "
+                     f"{error[0] if error else ''}")
+    return lines, failed
+
+
+def writable_dir_problem(path: Path) -> str | None:
+    """Why ``path`` cannot serve as an output directory (created if need be), or None when it can."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".ablate-write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return f"{type(err).__name__}: {err.strerror or err}"
+    return None
+
+
+class SweepCallback(Callback):
+    """Registered in ``conf/config.yaml`` (``hydra.callbacks``); runs in the process that started Hydra.
+
+    * an output directory that cannot be written stops the command with a message, not a traceback;
+    * a sweep ends with one line, read from the job outcomes on disk, whatever the launcher: how many
+      jobs completed, failed and were skipped as already completed; the command exits with status 1
+      when any job failed (the other jobs have run all the same).
+
+    ``tolerate`` lists failure kinds a sweep expects (``hydra.callbacks.ablate.tolerate=[diverged]``
+    for a study whose point is to find where training diverges): still counted and listed as failed,
+    they do not make the exit status non-zero.
+    """
+
+    def __init__(self, tolerate: Any = ()) -> None:
+        self.tolerate = set(tolerate or ())
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+        clear_outcomes(Path(str(config.hydra.sweep.dir)))
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        lines, failed = summarise_sweep(sweep_dir)
+        print("\n".join(lines), flush=True)
+        if any(o.get("failure") not in self.tolerate for o in failed):
+            sys.exit(1)
+
+    @staticmethod
+    def _check(directory: Any, key: str) -> None:
+        problem = writable_dir_problem(Path(str(directory)))
+        if problem:
+            print(f"ablate: cannot write the output directory {directory} ({problem}); choose another with "
+                  f"{key}=...", file=sys.stderr, flush=True)
+            sys.exit(2)

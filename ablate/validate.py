@@ -1,0 +1,102 @@
+"""The checks that run before any training: every well-typed value that cannot be run is named.
+
+Hydra's typed schema (``ablate.config``) already rejects unknown keys and wrong types. This module
+rejects what is well-typed but impossible, and takes each option's allowed values from the registry
+that implements it (networks, layers, precisions, loaders, data sources, update rules), so a new
+option is allowed where it is registered, and nowhere else needs to know.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ablate import augment, data, device, layers, models, optim, records
+from ablate.config import ConfigError, update_rule
+
+__all__ = ["ConfigError", "validate"]
+
+
+def _one_of(errors: list[str], key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        errors.append(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _positive(errors: list[str], key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        errors.append(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(cfg: Any) -> None:
+    """Raise ConfigError naming every impossible value in ``cfg`` (a composed Config)."""
+    e: list[str] = []
+    if cfg.arch.name not in models.REGISTRY:
+        e.append(f"arch.name={cfg.arch.name!r} is not registered; choose one of {', '.join(models.REGISTRY)}")
+    _positive(e, "arch.width_mult", cfg.arch.width_mult)
+    _positive(e, "scale.width_mult", cfg.scale.width_mult)
+    if cfg.arch.stem is not None:
+        _one_of(e, "arch.stem", cfg.arch.stem, tuple(models.STEMS))
+    _one_of(e, "arch.preact_shortcut", cfg.arch.preact_shortcut, tuple(models.SHORTCUT_FROM_INPUT))
+    _positive(e, "arch.whiten_eps", cfg.arch.whiten_eps)
+    _one_of(e, "arch.init", cfg.arch.init, tuple(models.INITS))
+    _positive(e, "batch_size", cfg.batch_size)
+    _one_of(e, "precision.name", cfg.precision.name, device.PRECISIONS)
+    _one_of(e, "precision.cpu_half", cfg.precision.cpu_half, device.CPU_HALF)
+    _positive(e, "augmentation.crop_pad", cfg.augmentation.crop_pad, allow_zero=True)
+    _positive(e, "augmentation.cutout", cfg.augmentation.cutout, allow_zero=True)
+    if cfg.augmentation.cutout > 32:
+        e.append(f"augmentation.cutout={cfg.augmentation.cutout} does not fit in a 32x32 image")
+    _one_of(e, "loader.kind", cfg.loader.kind, augment.LOADER_KINDS)
+    _one_of(e, "loader.preprocess", cfg.loader.preprocess, augment.PREPROCESS)
+    _one_of(e, "loader.choices", cfg.loader.choices, augment.CHOICES)
+    _positive(e, "loader.workers", cfg.loader.workers, allow_zero=True)
+    if cfg.loader.max_options is not None:
+        _positive(e, "loader.max_options", cfg.loader.max_options)
+    _one_of(e, "norm.kind", cfg.norm.kind, tuple(layers.NORM_LAYERS))
+    _one_of(e, "norm.scale_init", cfg.norm.scale_init, tuple(layers.SCALE_INITS))
+    _positive(e, "norm.splits", cfg.norm.splits)
+    if cfg.norm.splits > 0 and cfg.batch_size > 0 and cfg.batch_size % cfg.norm.splits:
+        e.append(f"norm.splits={cfg.norm.splits} does not divide batch_size={cfg.batch_size}")
+    if cfg.norm.splits > 1 and not cfg.loader.drop_last:
+        e.append("ghost batch norm (norm.splits > 1) needs equal splits: set loader.drop_last=true")
+    _one_of(e, "act.kind", cfg.act.kind, tuple(layers.ACT_LAYERS))
+    _positive(e, "act.alpha", cfg.act.alpha)
+    _positive(e, "act.beta", cfg.act.beta)
+    knots, lrs = list(cfg.schedule.knots), list(cfg.schedule.lr)
+    if len(knots) < 2 or len(knots) != len(lrs):
+        e.append(f"schedule.knots ({len(knots)}) and schedule.lr ({len(lrs)}) need the same length, at least 2")
+    elif any(b < a for a, b in zip(knots, knots[1:])) or knots[0] != 0 or knots[-1] <= 0:
+        e.append(f"schedule.knots={knots} must start at 0, never decrease and end after 0")
+    if any(v < 0 for v in lrs):
+        e.append(f"schedule.lr={lrs} has a negative learning rate")
+    if cfg.schedule.peak is not None and (cfg.schedule.peak < 0 or not any(v > 0 for v in lrs)):
+        e.append(f"schedule.peak={cfg.schedule.peak} needs to be >= 0 and a schedule with a positive LR")
+    if cfg.schedule.stop is not None and not 0 < cfg.schedule.stop <= (knots[-1] if knots else 0):
+        e.append(f"schedule.stop={cfg.schedule.stop} must lie after 0 and not beyond the schedule's "
+                 f"last knot ({knots[-1] if knots else None})")
+    _positive(e, "optim.momentum", cfg.optim.momentum, allow_zero=True)
+    _one_of(e, "optim.update", update_rule(cfg.optim), optim.UPDATES)
+    if cfg.optim.nesterov and cfg.optim.momentum == 0:
+        e.append("optim.nesterov=true needs optim.momentum > 0 (or set optim.nesterov=false)")
+    if update_rule(cfg.optim) == "page2019" and not cfg.optim.nesterov:
+        e.append("optim.update=page2019 is a Nesterov update: it needs optim.nesterov=true")
+    _positive(e, "optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
+    _positive(e, "optim.bias_lr_mult", cfg.optim.bias_lr_mult, allow_zero=True)
+    _positive(e, "optim.bias_wd_mult", cfg.optim.bias_wd_mult, allow_zero=True)
+    _positive(e, "optim.lars_trust", cfg.optim.lars_trust)
+    if not 0 <= cfg.loss.label_smoothing < 1:
+        e.append(f"loss.label_smoothing={cfg.loss.label_smoothing} must be in [0, 1)")
+    _positive(e, "loss.uniform_kl", cfg.loss.uniform_kl, allow_zero=True)
+    if cfg.ema.enabled:
+        if not 0 < cfg.ema.momentum < 1:
+            e.append(f"ema.momentum={cfg.ema.momentum} must be in (0, 1)")
+        _positive(e, "ema.every", cfg.ema.every)
+    _one_of(e, "data.source", cfg.data.source, data.SOURCES)
+    for key in ("train_size", "test_size", "epochs"):
+        value = getattr(cfg.scale, key)
+        if value is not None:
+            _positive(e, f"scale.{key}", value)
+    if cfg.scale.train_size is not None and cfg.scale.train_size < cfg.batch_size and cfg.loader.drop_last:
+        e.append(f"scale.train_size={cfg.scale.train_size} is smaller than one batch ({cfg.batch_size}) "
+                 "and loader.drop_last=true leaves no training step")
+    _one_of(e, "step.ref.timing", cfg.step.ref.timing, records.TIMINGS)
+    if e:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(e))
