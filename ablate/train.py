@@ -1,9 +1,10 @@
 """The training engine: one flat loop from data to metrics for any composed recipe.
 
-Timing follows design.md: the device is synchronised around the timed region; the timed region
-covers preprocessing (normalise, pad, move to the device), the whitening computation, augmentation
-and every training step; per-epoch evaluation is timed separately; torch.compile and the cuDNN
-warm-up run before the timer on a throw-away copy of the state and are reported on their own.
+Timing follows design.md and docs/timing.md: the device is synchronised around the timed region,
+which covers preprocessing (normalise, pad, move to the device), the whitening fit, augmentation
+and every training step; per-epoch evaluation is timed separately; every batch shape is run once
+before the timer (torch.compile, cuDNN autotuning), the state restored after, and reported on its
+own. A CPU epoch also records its CPU share and page faults, so a contended timing can be told.
 """
 from __future__ import annotations
 
