@@ -1,5 +1,5 @@
 """The two augmentation paths of the journey: random 32x32 crop of the reflect-padded image,
-horizontal flip, cutout (journey-facts 0.4).
+horizontal flip, cutout (docs/references.md 0.4).
 
 * Per-image path (steps 0 to 8_0): a torch ``Dataset`` + ``DataLoader`` that augments one image per
   ``__getitem__``, as the 2018 code did. Its two switches replay steps 1_2 and 1_3: pad/normalise per

@@ -6,7 +6,7 @@ these typed nodes, so an unknown key or a value of the wrong type fails at compo
 splits that do not divide the batch, ...). This module imports neither torch nor the data, so it is
 cheap to load (Hydra loads it at start-up).
 
-Units (journey-facts 0.1): learning rates are per-batch, mean-loss values, exactly as the blog quotes
+Units (docs/references.md 0.1): learning rates are per-batch, mean-loss values, exactly as the blog quotes
 them (0.1, 0.4, 1.0 ...); weight decay is the mean-loss coefficient (5e-4). ``ablate.optim`` converts
 both, in one place, to the per-example LR on a summed loss that the reference code runs.
 """
@@ -113,7 +113,7 @@ class OptimConfig:
     # 'torch': torch.optim.SGD (the 2018 code of Posts 1-4). 'page2019': the 2019 code's Nesterov step
     # (torch_backend.nesterov_update), whose momentum buffer holds LR-scaled steps; it differs from
     # torch's whenever the LR changes, i.e. at every step of a piecewise-linear schedule
-    # (journey-facts 0.2). The Post 8 steps use it, as the code behind the 26 s result did.
+    # (docs/references.md 0.2). The Post 8 steps use it, as the code behind the 26 s result did.
     update: str = "torch"
     weight_decay: float = 5e-4  # mean-loss units; applied to every trainable parameter (0.2)
     bias_lr_mult: float = 1.0  # BN biases get LR x this (step 8_6: 64) ...
@@ -173,7 +173,7 @@ class ScaleConfig:
 
 @dataclass
 class RefConfig:
-    """The published numbers a step is compared with (steps.md, journey-facts)."""
+    """The published numbers a step is compared with (steps.md, docs/references.md)."""
 
     time_s: Optional[float] = None
     timing: str = "with_eval"  # 'with_eval' (Posts 1-4 include per-epoch eval) | 'train_only' (Post 8)

@@ -36,7 +36,7 @@ from ablate.config import DataConfig, ScaleConfig
 
 log = logging.getLogger(__name__)
 
-# Per-channel mean and std of the CIFAR-10 training set on the 0-255 scale (journey-facts 0.4).
+# Per-channel mean and std of the CIFAR-10 training set on the 0-255 scale (docs/references.md 0.4).
 CIFAR_MEAN = (125.31, 122.95, 113.87)
 CIFAR_STD = (62.99, 62.09, 66.70)
 

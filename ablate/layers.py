@@ -143,7 +143,7 @@ NORM_LAYERS: dict[str, Callable[[NormConfig, int], nn.Module]] = {
     "none": _no_norm,
 }
 
-# PyTorch 0.4 drew BN scales from U[0,1]; later versions start at 1 (journey-facts E11), so the early
+# PyTorch 0.4 drew BN scales from U[0,1]; later versions start at 1 (docs/references.md E11), so the early
 # networks need the old default spelled out to be replayed faithfully.
 SCALE_INITS: dict[str, Callable[[Tensor], Tensor]] = {
     "one": nn.init.ones_,

@@ -84,7 +84,7 @@ class PreActBlock(nn.Module):
     """B1 pre-activation block: a = act(norm(x)); out = [conv -> norm -> act -> conv](a) + shortcut.
 
     The shortcut is a 1x1 conv (stride s) on ``a`` when the shape changes; otherwise identity on ``a``
-    (Page's DAWN_net, ``shortcut_from_input=False``) or on ``x`` (bkj's PreActBlock), journey-facts E6.
+    (Page's DAWN_net, ``shortcut_from_input=False``) or on ``x`` (bkj's PreActBlock), docs/references.md E6.
     """
 
     def __init__(self, c_in: int, c_out: int, stride: int, norm_layer: NormLayer, act_layer: ActLayer,
@@ -455,7 +455,7 @@ def _family() -> list[NetSpec]:
 
 
 def _simple() -> NetSpec:
-    """Post 7's 8-layer "simple" net (journey-facts C, batch_norm_post.ipynb): input x 1/sqrt(2); prep
+    """Post 7's 8-layer "simple" net (docs/references.md C, batch_norm_post.ipynb): input x 1/sqrt(2); prep
     conv_bn 3 -> 64; L1 64 -> 128, L2 128 -> 256, L3 256 -> 512, each conv_bn + 2x2 max-pool + one extra
     conv_bn; global max-pool (MaxPool 4 on the 4x4 map); classifier 512 -> 10 without bias (the post's
     1x1 conv on a 1x1 map is this Linear); logits x 0.125/sqrt(6). Published with BN whose affine map is

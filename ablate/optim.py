@@ -2,7 +2,7 @@
 
 The blog quotes per-batch learning rates for a mean loss (0.4) and weight decay 5e-4. The reference
 code sums the loss over the batch and hands SGD ``lr / batch_size`` and ``weight_decay * batch_size``
-(journey-facts 0.1); the update is the same, and a summed loss keeps fp16 gradients away from
+(docs/references.md 0.1); the update is the same, and a summed loss keeps fp16 gradients away from
 underflow, so ablate runs it that way too.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _is_norm_bias(module: nn.Module, name: str) -> bool:
 
 
 def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
-    """Every trainable parameter gets weight decay (journey-facts 0.2); BN biases may get their own
+    """Every trainable parameter gets weight decay (docs/references.md 0.2); BN biases may get their own
     LR and WD multipliers (step 8_6); with ``optim.lars`` the scale-invariant weights form a group of
     their own that ``lars_rescale_`` steps. Frozen parameters (requires_grad False) are left out."""
     lars = {id(p) for p in scale_invariant_weights(model).values()} if optim.lars else set()
@@ -74,7 +74,7 @@ UPDATES = ("torch", "page2019")  # optim.update: torch.optim.SGD, or Page2019SGD
 
 
 class Page2019SGD(torch.optim.Optimizer):
-    """The 2019 code's Nesterov update (``torch_backend.nesterov_update``, journey-facts 0.2)::
+    """The 2019 code's Nesterov update (``torch_backend.nesterov_update``, docs/references.md 0.2)::
 
         g = grad + wd * w;   d = -lr * g;   v = momentum * v + d;   w = w + d + momentum * v
 

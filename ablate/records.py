@@ -70,7 +70,7 @@ TIMINGS = ("with_eval", "train_only")  # step.ref.timing: the published conventi
 
 
 def published_seconds(train_seconds: float, eval_seconds: float, prep_seconds: float, timing: str) -> float:
-    """A measured time in the convention of the step's published reference (journey-facts 0.3), the
+    """A measured time in the convention of the step's published reference (docs/references.md 0.3), the
     one rule for a run's total time and for its time to target. The arguments are the run's
     cumulative seconds (``train_seconds`` includes ``prep_seconds``, as the engine records them):
 

@@ -119,7 +119,7 @@ class EMA:
     """Exponential moving average of the weights, updated every ``every`` steps with momentum**every.
 
     Every floating-point tensor of the state is averaged, BN running statistics included, as in the
-    2019 code; integer buffers (BN's num_batches_tracked) are not (journey-facts E9). The tensors are
+    2019 code; integer buffers (BN's num_batches_tracked) are not (docs/references.md E9). The tensors are
     grouped by dtype and device, so that each group takes the fused multi-tensor path (fp16_bn32 mixes
     fp16 weights with fp32 batch norms, which a single list would make fall back to a loop).
     """

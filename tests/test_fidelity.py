@@ -1,4 +1,4 @@
-"""Fidelity of the journey's tricks to their published definitions (journey-facts.md, steps.md).
+"""Fidelity of the journey's tricks to their published definitions (docs/references.md, steps.md).
 
 Each test checks one trick against the definition in the spec, through the code that a real run
 uses (``ablate.train.train``, ``build_network``, ``make_optimizer``, the composed Hydra config), and
@@ -202,7 +202,7 @@ def test_half_precisions_run_as_cpu_half_on_a_cpu():
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3. Every step's LR schedule, transcribed by hand from steps.md / journey-facts A1-A3.
+# 3. Every step's LR schedule, transcribed by hand from steps.md / docs/references.md A1-A3.
 # ---------------------------------------------------------------------------------------------------
 
 _CYCLE35 = ([0, 15, 30, 35], [0, 0.1, 0.005, 0])  # A1 1.2-1.5
@@ -240,7 +240,7 @@ def test_every_step_has_a_transcribed_schedule():
 
 @pytest.mark.parametrize("step", STEP_IDS)
 def test_step_schedule_matches_the_published_one(step):
-    """steps.md and journey-facts A1-A3 (E7 kink, E10 unscaled 0.005 knot, A3 8.8/8.9 0.1 floors):
+    """steps.md and docs/references.md A1-A3 (E7 kink, E10 unscaled 0.005 knot, A3 8.8/8.9 0.1 floors):
     the knots and LR values the engine runs for each step at full scale."""
     cfg = make_cfg(f"+step={step}")
     knots, lrs = SCHEDULES[step]
@@ -313,7 +313,7 @@ def lr_run(request):
 
 
 def test_lr_of_step_i_is_the_schedule_at_epoch_plus_i_plus_1_over_n(lr_run):
-    """Notation of journey-facts A ("evaluated per step at the fractional epoch") as the 2018/2019 code
+    """Notation of docs/references.md A ("evaluated per step at the fractional epoch") as the 2018/2019 code
     counts it: step i of epoch e (n steps an epoch) runs at LR(e + (i+1)/n), handed to SGD divided by
     the batch size (0.1)."""
     cfg, calls, _ = lr_run

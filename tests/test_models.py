@@ -13,7 +13,7 @@ from ablate.layers import GhostBatchNorm, Whitening, make_act, make_norm
 from ablate.models import REGISTRY, Block, PreActBlock, build_model, build_published, count_macs, \
     count_params, customise, main
 
-# B3 of journey-facts: trainable parameters (BN gamma and beta included) and forward MACs in millions.
+# B3 of docs/references.md: trainable parameters (BN gamma and beta included) and forward MACs in millions.
 B3 = {
     "backbone": (1_557_056, 228),
     "extra_l1": (1_704_768, 266),

@@ -26,7 +26,7 @@ def test_schedule_compression_scales_knots_only_when_capped():
 
 
 def test_units_follow_the_reference_code():
-    # journey-facts 0.1: Post 4 bs 512, peak 0.4 -> 7.81e-4 per example, WD 0.256 as passed
+    # docs/references.md 0.1: Post 4 bs 512, peak 0.4 -> 7.81e-4 per example, WD 0.256 as passed
     lr, wd = to_torch_units(0.4, 5e-4, 512)
     assert lr == pytest.approx(7.8125e-4) and wd == pytest.approx(0.256)
 

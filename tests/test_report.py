@@ -173,7 +173,7 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
 
 
 def test_one_timing_rule_for_total_time_and_time_to_target(tmp_path):
-    """journey-facts 0.3: Posts 1-4 count the training loop and the per-epoch evaluation but not the
+    """docs/references.md 0.3: Posts 1-4 count the training loop and the per-epoch evaluation but not the
     preprocessing (79 s = 74 s + 7 s - 2 s); Post 8 counts preprocessing and the loop, no evaluation.
     The total and the time to target follow the same rule."""
     def record(name: str, timing: str) -> None:

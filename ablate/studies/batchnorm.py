@@ -1,4 +1,4 @@
-"""Post 7's batch-norm study (journey-facts C, ``batch_norm_post.ipynb``): its charts and its one
+"""Post 7's batch-norm study (docs/references.md C, ``batch_norm_post.ipynb``): its charts and its one
 computation that is not a training run.
 
 * ``plot_bn_stress``: the LR stress test, train accuracy against the epoch's LR, one line per run
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-# Post 7 (journey-facts C), full scale: (LR, train accuracy) the blog quotes, and the no-BN NaN.
+# Post 7 (docs/references.md C), full scale: (LR, train accuracy) the blog quotes, and the no-BN NaN.
 BN_STRESS_BLOG = {"with BN": [(0.905, 85.3), (2.56, 85.0), (28.96, 56.0)], "without BN": [(0.113, 65.9)]}
 BN_STRESS_BLOG_NAN_LR = 0.32  # the no-BN loss is NaN at the blog's epoch 12 (LR 0.005·2^6)
 # Partial training after 10 of 20 epochs: (train %, test %).

@@ -1,4 +1,4 @@
-"""Post 6's weight-decay study (journey-facts C): the chart of ``+experiment=weight_decay``.
+"""Post 6's weight-decay study (docs/references.md C): the chart of ``+experiment=weight_decay``.
 
 The runs record, each epoch, the norm |w| of every scale-invariant weight (a conv feeding a batch norm)
 and its mean effective step |dw|/|w| (``monitor.weights``, ``ablate.train.WeightMonitor``). The chart
@@ -7,7 +7,7 @@ shows what the post argues:
 * the norms settle where growth from the (orthogonal) gradient steps balances weight decay, and the
   effective step settles to a value set by λα alone. As a guide the chart draws the equilibrium of
   SGD with momentum on a scale-invariant weight, sqrt(2 λ(t) α / (1 + ρ)) (the "spherical motion
-  dynamics" result of Wan et al., 2021; the post's own closed form was not recovered, journey-facts E3);
+  dynamics" result of Wan et al., 2021; the post's own closed form was not recovered, docs/references.md E3);
 * runs with different (λ, α) at equal λα end with similar accuracy;
 * without weight decay the norms grow and the effective step decays; LARS fixes each layer's step.
 """
