@@ -11,6 +11,7 @@ and ``error``. Sweeps (job outcomes, the closing summary, resume lookups) are ``
 """
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -26,8 +27,9 @@ import yaml
 
 SUMMARY, METRICS, CONFIG = "summary.json", "metrics.jsonl", "config.yaml"
 
-# Keys that do not change what a run computes; they are left out of the config key.
-_NOT_IN_KEY = ("progress",)
+# Keys that do not change what a run computes; they are left out of the config key. The data cache's
+# location (ABLATE_CACHE) differs between machines and CI clones that compute the same run.
+_NOT_IN_KEY = ("progress", "data.cache_dir")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -62,7 +64,14 @@ def with_current_defaults(config: dict) -> dict:
 
 def config_key(config: dict) -> str:
     """A short hash of what a run computes: equal keys mean the same recipe, scale and seed."""
-    kept = {k: v for k, v in with_current_defaults(config).items() if k not in _NOT_IN_KEY}
+    kept = copy.deepcopy(with_current_defaults(config))  # never edit the caller's config
+    for dotted in _NOT_IN_KEY:
+        *parents, leaf = dotted.split(".")
+        node = kept
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

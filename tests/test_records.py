@@ -24,6 +24,16 @@ def test_record_lifecycle(tmp_path):
     assert (tmp_path / "config.yaml").read_text().startswith("step:")
 
 
+def test_config_key_ignores_where_the_data_cache_lives():
+    """ABLATE_CACHE differs between machines and CI clones that compute the same run."""
+    a, b = _config(), _config()
+    a.setdefault("data", {})["cache_dir"] = "/home/me/.cache/ablate"
+    b.setdefault("data", {})["cache_dir"] = "/tmp/ci/.cache/ablate"
+    assert config_key(a) == config_key(b) and a["data"]["cache_dir"] == "/home/me/.cache/ablate"
+    b["data"]["root"] = "/elsewhere"
+    assert config_key(a) != config_key(b)
+
+
 def test_config_key_ignores_progress_but_not_seed():
     a, b = _config(), _config()
     b["progress"] = False
