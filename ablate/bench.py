@@ -50,8 +50,8 @@ from ablate import train as engine
 from ablate.bench_page2019 import formats as run_formats
 from ablate.device import PRECISIONS
 from ablate.validate import validate
-from ablate.device import (autocast, cpu_count, device_name, keep_cpu_memory, resolve_device, resolve_precision,
-                           sync, to_memory_format)
+from ablate.device import (autocast, cpu_count, cpu_facts, device_name, keep_cpu_memory, resolve_device,
+                           resolve_precision, sync, to_memory_format)
 from ablate.layers import Whitening
 from ablate.optim import make_optimizer, set_lr, to_torch_units
 from ablate.compose import compose
@@ -192,17 +192,6 @@ def ablate_version() -> str:
             return "unknown"
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name (Linux), else whatever the platform module knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(s: Settings, device: torch.device) -> dict[str, Any]:
     """Where the figures were measured; stored with them in bench.json and bench.md."""
     return dict(
@@ -213,7 +202,7 @@ def environment(s: Settings, device: torch.device) -> dict[str, Any]:
         python=platform.python_version(),
         ablate=ablate_version(),
         host=platform.node(),
-        cpu=cpu_model(),
+        **cpu_facts(),
         cpu_count=os.cpu_count(),
         cpus_usable=cpu_count(),
         torch_threads=torch.get_num_threads(),

@@ -10,7 +10,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import platform
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,6 +46,40 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    """The CPU's name as the system gives it (Linux: /proc/cpuinfo), else what ``platform`` knows.
+    A virtual machine often shows a generic name ("Intel(R) Xeon(R) Processor"): ``cpu_facts`` adds
+    the instruction sets that tell such machines apart."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_native_bf16() -> str | None:
+    """How this CPU computes bf16 natively: "amx" (AMX-BF16 tiles), "avx512_bf16", or None when
+    oneDNN has to emulate it (then bf16 autocast runs far slower than fp32)."""
+    try:
+        caps = torch._C._cpu._get_cpu_capability()  # private, but it is what oneDNN dispatches on
+    except (AttributeError, RuntimeError):
+        caps = {}
+    for flag, name in (("amx_bf16", "amx"), ("avx512_bf16", "avx512_bf16")):
+        if caps.get(flag):
+            return name
+    return None
+
+
+def cpu_facts() -> dict:
+    """What a CPU run's record keeps about the processor, so that seconds measured on different
+    machines are never compared as if they were one: its name, the vector instruction set torch
+    dispatches to, and its native bf16 (none when emulated)."""
+    return dict(cpu_model=cpu_model(), cpu_isa=torch.backends.cpu.get_cpu_capability(),
+                cpu_bf16=cpu_native_bf16() or "none")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ablate import augment, data
-from ablate.device import (Precision, autocast, device_name, keep_cpu_memory, load_average, process_usage,
+from ablate.device import (Precision, autocast, cpu_facts, device_name, keep_cpu_memory, load_average, process_usage,
                            resolve_channels_last, resolve_device, resolve_precision, set_math_flags, sync,
                            to_memory_format)
 from ablate.layers import Whitening, make_act, make_norm, unfitted_allowed
@@ -309,7 +309,7 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
     generator = torch.Generator().manual_seed(cfg.seed)  # data order and augmentation choices
     facts = set_math_flags(device, cfg.precision.tf32)
     if device.type == "cpu":
-        facts.update(keep_cpu_memory(), torch_threads=torch.get_num_threads())
+        facts.update(keep_cpu_memory(), torch_threads=torch.get_num_threads(), **cpu_facts())
 
     images = data.take_subset(data.load_images(cfg.data), cfg.scale)  # disk and cache: not timed
     model = build_network(cfg, precision, device)

@@ -103,6 +103,18 @@ def test_cpu_runs_fp16_as_cpu_half_and_defaults_to_channels_last():
     assert not resolve_channels_last(False, cpu) and resolve_channels_last(True, cuda)
 
 
+@pytest.mark.parametrize("flags, native", [({"amx_bf16": True, "avx512_bf16": True}, "amx"),
+                                            ({"amx_bf16": False, "avx512_bf16": True}, "avx512_bf16"),
+                                            ({"avx2": True}, None)])
+def test_cpu_facts_name_the_native_bf16(monkeypatch, flags, native):
+    from ablate import device
+
+    monkeypatch.setattr(torch._C._cpu, "_get_cpu_capability", lambda: flags)
+    assert device.cpu_native_bf16() == native
+    facts = device.cpu_facts()
+    assert facts["cpu_bf16"] == (native or "none") and facts["cpu_model"] and facts["cpu_isa"]
+
+
 def test_steps_per_epoch_keeps_or_drops_the_last_batch():
     assert steps_per_epoch(50_000, 512, drop_last=True) == 97
     assert steps_per_epoch(50_000, 512, drop_last=False) == 98
@@ -116,6 +128,7 @@ def test_bf16_autocast_and_channels_last_run(tmp_path):
     summary = execute(make_cfg("+step=step8", *SMOKE, "precision=bf16", "precision.channels_last=true"), tmp_path)
     assert summary["status"] == "completed" and summary["precision_used"] == "bf16"
     assert math.isfinite(summary["test_loss"])
+    assert {"cpu_model", "cpu_isa", "cpu_bf16"} <= set(summary)  # seconds are tied to their machine
 
 
 @pytest.mark.slow
