@@ -17,7 +17,7 @@ from tests.conftest import REPO, SMOKE
 
 
 def _record(root, name, step="step4", arch="resnet9", seed=0, status="completed", accs=(90.0, 94.1),
-            train_s=10.0, timing="with_eval", ref_time=79.0, scale="cpu"):
+            train_s=10.0, timing="with_eval", ref_time=79.0, scale="full", device="cpu"):
     run = root / name
     run.mkdir(parents=True)
     config = {"step": {"id": step, "ref": {"time_s": ref_time, "timing": timing, "accuracy": 94.08}},
@@ -26,7 +26,7 @@ def _record(root, name, step="step4", arch="resnet9", seed=0, status="completed"
     rows = [dict(epoch=i + 1, test_acc=a, train_seconds=train_s * (i + 1) / len(accs),
                  eval_seconds=1.0 * (i + 1) / len(accs)) for i, a in enumerate(accs)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = dict(status=status, step=step, arch=arch, seed=seed, scale=scale, device="cpu",
+    summary = dict(status=status, step=step, arch=arch, seed=seed, scale=scale, device=device,
                    precision_used="fp32", torch_version="2.x", epochs=len(accs), train_seconds=train_s,
                    eval_seconds=1.0, choices={"arch": arch})
     if status == "completed":
@@ -75,17 +75,25 @@ def test_report_command_writes_tables_charts_and_markdown(tmp_path):
                  "curves.png", "REPORT.md"):
         assert (tmp_path / "rep" / name).is_file(), name
     report = (tmp_path / "rep" / "REPORT.md").read_text()
-    assert "![Timeline](timeline.png)" in report and "scales: cpu" in report and "| step0" in report
+    assert "![Timeline](timeline.png)" in report and "scales: full" in report and "| step0" in report
     assert len(pd.read_parquet(tmp_path / "rep" / "runs.parquet")) == 3
 
 
-def test_timeline_has_a_pair_of_bars_per_step_in_journey_order(tmp_path):
+def test_timeline_has_a_row_per_step_in_journey_order_and_a_bar_per_series(tmp_path):
     for i, step in enumerate(["step8", "step1", "step0", "step4"]):
         _record(tmp_path, f"{i}", step=step, train_s=50.0 / (i + 1))
     fig = plot_timeline(aggregate(load_runs(tmp_path)[0]), tmp_path / "t.png")
-    ax, nax = fig.axes
-    assert len(ax.patches) == 8
-    assert [t.get_text() for t in nax.get_xticklabels()] == ["step0", "step1", "step4", "step8"]
+    published, measured, normalised = fig.axes
+    ticks = [t.get_text() for t in published.get_yticklabels()]
+    steps = [t.split()[0] for t in ticks if t.startswith("step")]
+    assert steps == [s for s in journey_order() if s in {"step0", "step1", "step1_1", "step1_2", "step1_3",
+                                                           "step2", "step3_1", "step3_2", "step3", "step4_1",
+                                                           "step4_2", "step4_3", "step4_4", "step4_5", "step4_6",
+                                                           "step4_9", "step4", "step8_1", "step8_2", "step8_3",
+                                                           "step8_4", "step8_5", "step8_6", "step8_7", "step8_8",
+                                                           "step8"}]
+    assert any("Post 8" in t and "no evaluation" in t for t in ticks)  # the timing switch is named
+    assert len(measured.patches) == 4 and len(published.patches) == len(steps)  # unmeasured steps: no bar
     assert (tmp_path / "t.png").stat().st_size > 10_000
 
 
@@ -180,14 +188,14 @@ def test_one_timing_rule_for_total_time_and_time_to_target(tmp_path):
         run = tmp_path / name
         run.mkdir()
         config = {"step": {"id": "step4", "ref": {"timing": timing}}, "arch": {"name": "resnet9"}, "seed": 0,
-                  "scale": {"name": "cpu"}, "target_acc": 94.0}
+                  "scale": {"name": "full"}, "target_acc": 94.0}
         (run / "config.yaml").write_text(yaml.safe_dump(config))
         # prep 2 s; each epoch 10 s of loop and 1 s of evaluation; cumulative train_seconds include prep
         rows = [dict(epoch=e, test_acc=acc, train_seconds=2.0 + 10.0 * e, eval_seconds=1.0 * e)
                 for e, acc in ((1, 90.0), (2, 94.5), (3, 95.0))]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (run / "summary.json").write_text(json.dumps(dict(
-            status="completed", step="step4", arch="resnet9", seed=0, scale="cpu", device="cpu", test_acc=95.0,
+            status="completed", step="step4", arch="resnet9", seed=0, scale="full", device="cpu", test_acc=95.0,
             epochs=3, train_seconds=32.0, eval_seconds=3.0, prep_seconds=2.0)))
 
     record("posts1to4", "with_eval")

@@ -1,0 +1,3 @@
+from ablate.report.document import main
+
+main()
