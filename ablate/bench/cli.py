@@ -19,7 +19,7 @@ from ablate.bench.settings import REPO, Settings, parse_args
 from ablate.bench.startup import bench_startup
 from ablate.bench.steps import bench_steps
 from ablate.bench.tables import SECTIONS, env_table, write_results
-from ablate.device import cpu_count, cpu_facts, device_name, keep_cpu_memory, resolve_device
+from ablate.device import cpu_count, cpu_facts, device_name, keep_cpu_memory, load_average, resolve_device
 
 
 def ablate_version() -> str:
@@ -50,7 +50,7 @@ def environment(s: Settings, device: torch.device) -> dict[str, Any]:
         cpus_usable=cpu_count(),
         torch_threads=torch.get_num_threads(),
         # Other work on the machine disturbs every figure; the 1-minute load before the bench shows it.
-        load_average=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        load_average=load_average(),
         scale=s.scale,
         data=s.data,
         quick=s.quick,

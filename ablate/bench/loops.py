@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ablate import data
 from ablate import train as engine
 from ablate.bench.page2019 import Page2019Loop, same_network
-from ablate.bench.settings import REPO, Settings, common_overrides, compose_cfg, run_formats
+from ablate.bench.settings import REPO, Settings, common_overrides, compose_cfg, run_formats, whole_classes
 from ablate.bench.timing import measured, ratio
 from ablate.device import device_name, keep_cpu_memory, resolve_device, set_math_flags
 from ablate.optim import make_optimizer, piecewise_linear, schedule_knots, schedule_lrs
@@ -191,7 +191,7 @@ def loop_cfg(s: Settings, recipe: str, variant: LoopVariant, composed: Optional[
         cfg.precision.name = variant.precision
     if variant.channels_last is not None:
         cfg.precision.channels_last = variant.channels_last
-    train_size = -(-s.steps * cfg.batch_size // 10) * 10  # whole classes; extra images are never batched
+    train_size = whole_classes(s.steps, cfg.batch_size)  # extra images are never batched
     cfg.scale.train_size = train_size
     if s.quick:  # evaluation dominates a quick run otherwise; its numbers mean nothing anyway
         cfg.scale.test_size = QUICK_TEST_IMAGES

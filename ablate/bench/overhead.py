@@ -13,7 +13,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ablate import data
 from ablate import train as engine
 from ablate.bench.bare import bare_loop
-from ablate.bench.settings import ENGINE_STEP, Settings, common_overrides, compose_cfg, run_formats
+from ablate.bench.settings import ENGINE_STEP, Settings, common_overrides, compose_cfg, run_formats, whole_classes
 from ablate.bench.timing import ratio, timed
 
 ENGINE_TARGET = 0.9  # the engine within 10% of the bare loop's throughput
@@ -24,9 +24,7 @@ def engine_cfg(s: Settings) -> DictConfig:
     """The step-8 recipe for one epoch on a class-balanced subset of exactly ``steps`` batches.
     ``scale.epochs=1`` compresses the real schedule into that epoch, as the smoke scale does."""
     batch_size = s.batch_size or compose_cfg([f"+step={ENGINE_STEP}", *common_overrides(s)]).batch_size
-    # The subset takes size // 10 images per class: round up to whole classes; the step-8 loader drops
-    # the last partial batch, so this gives exactly ``steps`` steps.
-    train_size = -(-s.steps * batch_size // 10) * 10
+    train_size = whole_classes(s.steps, batch_size)  # the step-8 loader drops the last partial batch
     cfg = compose_cfg([f"+step={ENGINE_STEP}", *common_overrides(s, train_size), f"scale.train_size={train_size}",
                        f"scale.test_size={ENGINE_TEST_IMAGES}", "scale.epochs=1"], s.batch_size)
     expected = engine.steps_per_epoch(train_size, cfg.batch_size, cfg.loader.drop_last)

@@ -130,6 +130,13 @@ def common_overrides(s: Settings, images: int = 0) -> list[str]:
     return out
 
 
+def whole_classes(steps: int, batch_size: int) -> int:
+    """The smallest class-balanced subset size with ``steps`` full batches: the subset takes size // 10
+    images per class, so round up to whole classes. A loader that drops the last partial batch then
+    takes exactly ``steps`` steps per epoch."""
+    return -(-steps * batch_size // 10) * 10
+
+
 def run_formats(cfg: DictConfig, device: torch.device) -> tuple[Precision, bool]:
     """The precision and memory layout ``cfg`` runs in on ``device``: what the engine resolves, so that
     every loop the bench compares computes in exactly the same formats."""
