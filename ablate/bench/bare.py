@@ -1,6 +1,6 @@
 """The bare loop: the least a training loop must do, written with plain PyTorch. It is the reference
 the engine is measured against (comparison ``engine``), so it must not use the engine (``ablate.train``)
-or anything the engine adds per step."""
+or anything the engine adds per step (``tests/test_imports.py`` checks that it never imports it)."""
 from __future__ import annotations
 
 import random
