@@ -216,8 +216,7 @@ def measure_loop_variants(s: Settings, names: Sequence[str]) -> dict[str, Any]:
             key = (cfg.scale.train_size, cfg.scale.test_size)
             if key not in images:  # the same subset for every recipe and variant: loaded once
                 images[key] = data.take_subset(data.load_images(cfg.data), cfg.scale)
-            result = measure_recipe(cfg, images[key], device, s.steps, s.warmup,
-                                                   variants[name].evaluate)
+            result = measure_recipe(cfg, images[key], device, s.steps, s.warmup, variants[name].evaluate)
             rows.append(dict(recipe=recipe, variant=name, **result))
     return dict(rows=rows, torch_threads=torch.get_num_threads(), pid=os.getpid(), **malloc)
 
@@ -245,7 +244,7 @@ def spawn_loop_child(s: Settings, names: Sequence[str], keep_memory: bool) -> di
             env["OMP_NUM_THREADS"] = str(s.threads)
         cmd = [sys.executable, "-m", "ablate.bench", CHILD_FLAG, str(spec)]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-        if proc.returncode == 2 and "ablate.bench:" in proc.stderr:  # a data problem: say it as main() does
+        if proc.returncode == 2 and "ablate.bench:" in proc.stderr:  # a data problem: say it as __main__ does
             raise data.DataError(proc.stderr.strip().split("ablate.bench:", 1)[1].strip())
         if proc.returncode != 0:
             raise RuntimeError(f"loop measurement failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
@@ -275,7 +274,7 @@ def loop_rows(children: Sequence[dict]) -> tuple[list[dict], list[dict]]:
 
 def bench_loops(s: Settings, device: torch.device) -> dict[str, Any]:
     """Both loops on steps 4 and 8 in every variant. The glibc-default variants run in a child process
-    (ABLATE_MALLOC=default), since this process keeps its memory (run_all); the kept-memory ones run
+    (ABLATE_MALLOC=default), since this process keeps its memory (cli.run_all); the kept-memory ones run
     here, or in a second child when this process was started with ABLATE_MALLOC=default. One after
     the other: never side by side on a shared CPU."""
     groups = [[v.name for v in LOOP_VARIANTS if v.keep_memory == keep] for keep in (False, True)]
