@@ -114,7 +114,7 @@ def test_bare_loop_really_trains():
     steps.fit_whitening_on(model, x[:, :, 4:36, 4:36])  # the step-8 network's whitening refuses to run unfitted
     y = torch.randint(0, 10, (32,))
     losses = bare.bare_loop(model, x, y, batch_size=32, steps=8, pad=4, autocast_dtype=None,
-                             channels_last=False, lr=0.2)
+                            channels_last=False, lr=0.2)
     after = [p.detach() for p in model.parameters() if p.requires_grad]
     assert all(math.isfinite(float(v)) for v in losses)
     assert float(losses[-1]) < float(losses[0])
