@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import ablate.train
-from ablate import bench, bench_page2019, data
+from ablate import data
+from ablate.bench import bare, cli, loops, overhead, page2019, steps, tables
+from ablate.bench.settings import COMPARISONS, parse_args
 from ablate.optim import make_optimizer, set_lr
 from ablate.train import build_network, loss_fn, resolve_precision
 from tests.conftest import make_cfg
@@ -26,14 +28,14 @@ QUICK = ["--quick", "--data", "synthetic", "--threads", "1"]
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    results = bench.main([*QUICK, "--out", str(out)])
+    results = cli.main([*QUICK, "--out", str(out)])
     return results, out
 
 
 def test_quick_run_measures_every_comparison(quick_run):
     results, out = quick_run
     saved = json.loads((out / "bench.json").read_text())
-    assert set(bench.COMPARISONS) <= set(saved)
+    assert set(COMPARISONS) <= set(saved)
     for key in ("device", "torch", "cpu_count", "torch_threads", "scale", "date"):
         assert saved["env"][key] not in (None, "")
     assert saved["env"]["scale"] == "smoke" and saved["env"]["torch_threads"] == 1
@@ -76,14 +78,14 @@ def test_ratios_are_the_quotients_of_the_reported_throughputs(quick_run):
 def test_markdown_report_has_the_environment_and_a_table_per_comparison(quick_run):
     _, out = quick_run
     md = (out / "bench.md").read_text()
-    for title, _ in bench.SECTIONS.values():
+    for title, _ in tables.SECTIONS.values():
         assert f"## {title}" in md
     assert "| environment" in md and "| path " in md and "| network " in md and "| loop " in md
     assert "batched / per-image" in md and "engine / bare" in md and "launch -> first training step" in md
 
 
 def test_only_runs_the_selected_comparisons(tmp_path):
-    results = bench.main([*QUICK, "--only", "aug", "--out", str(tmp_path)])
+    results = cli.main([*QUICK, "--only", "aug", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert "aug" in saved and not {"step", "engine", "page2019", "startup"} & set(saved)
     assert "## Training-step throughput" not in (tmp_path / "bench.md").read_text()
@@ -92,13 +94,13 @@ def test_only_runs_the_selected_comparisons(tmp_path):
 
 def test_bad_arguments_are_refused():
     with pytest.raises(SystemExit):
-        bench.parse_args(["--only", "aug,nosuch"])
+        parse_args(["--only", "aug,nosuch"])
     with pytest.raises(SystemExit):
-        bench.parse_args(["--steps", "0"])
+        parse_args(["--steps", "0"])
 
 
 def test_precisions_are_what_the_device_runs():
-    assert bench.device_precisions(torch.device("cpu")) == [("fp32", "fp32"), ("bf16", "bf16")]
+    assert steps.device_precisions(torch.device("cpu")) == [("fp32", "fp32"), ("bf16", "bf16")]
 
 
 def test_bare_loop_really_trains():
@@ -109,10 +111,10 @@ def test_bare_loop_really_trains():
     model = build_network(cfg, resolve_precision("fp32", cpu), cpu)
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     x = torch.randn(32, 3, 40, 40)  # one padded batch, seen every step: its loss must fall
-    bench.fit_whitening_on(model, x[:, :, 4:36, 4:36])  # the step-8 network's whitening refuses to run unfitted
+    steps.fit_whitening_on(model, x[:, :, 4:36, 4:36])  # the step-8 network's whitening refuses to run unfitted
     y = torch.randint(0, 10, (32,))
-    losses = bench.bare_loop(model, x, y, batch_size=32, steps=8, pad=4, autocast_dtype=None,
-                             channels_last=False, lr=0.2)
+    losses = bare.bare_loop(model, x, y, batch_size=32, steps=8, pad=4, autocast_dtype=None,
+                            channels_last=False, lr=0.2)
     after = [p.detach() for p in model.parameters() if p.requires_grad]
     assert all(math.isfinite(float(v)) for v in losses)
     assert float(losses[-1]) < float(losses[0])
@@ -127,8 +129,8 @@ def test_engine_really_trains_the_counted_steps(monkeypatch):
         built["model"], built["before"] = model, copy.deepcopy(model.state_dict())
         return model
     monkeypatch.setattr(ablate.train, "build_network", spy)
-    settings = bench.parse_args([*QUICK, "--steps", "3"])
-    result = bench.run_engine(bench.engine_cfg(settings))
+    settings = parse_args([*QUICK, "--steps", "3"])
+    result = overhead.run_engine(overhead.engine_cfg(settings))
     assert result["steps"] == 3 and result["images"] == 3 * settings.batch_size
     assert math.isfinite(result["final_loss"]) and result["images_per_s"] > 0
     trained = [name for name, p in built["model"].named_parameters() if p.requires_grad]
@@ -144,8 +146,8 @@ def test_quick_run_compares_both_loops_in_every_variant(quick_run):
     _, out = quick_run
     r = json.loads((out / "bench.json").read_text())["page2019"]
     rows = {(x["recipe"], x["variant"], x["loop_key"]): x for x in r["rows"]}
-    expected = {(recipe, v.name, loop) for recipe in bench.LOOP_RECIPES for v in bench.LOOP_VARIANTS
-                for loop in bench.LOOPS}
+    expected = {(recipe, v.name, loop) for recipe in loops.LOOP_RECIPES for v in loops.LOOP_VARIANTS
+                for loop in loops.LOOPS}
     assert set(rows) == expected and len(r["rows"]) == len(expected)
     for x in r["rows"]:
         assert math.isfinite(x["images_per_s"]) and x["images_per_s"] > 0
@@ -162,9 +164,9 @@ def test_quick_run_compares_both_loops_in_every_variant(quick_run):
     glibc, kept = r["processes"]
     assert glibc["pid"] != os.getpid() and glibc["variants"] == ["fp32_nchw_glibc"]
     evals = {(x["recipe"], x["variant"]): x for x in r["evaluation"]}
-    assert set(evals) == {(recipe, v) for recipe in bench.LOOP_RECIPES for v in ("fp32_nchw_glibc", "defaults")}
+    assert set(evals) == {(recipe, v) for recipe in loops.LOOP_RECIPES for v in ("fp32_nchw_glibc", "defaults")}
     for (recipe, _), x in evals.items():
-        assert x["seconds"] > 0 and x["images"] == bench.QUICK_TEST_IMAGES
+        assert x["seconds"] > 0 and x["images"] == loops.QUICK_TEST_IMAGES
         assert x["tta_flip"] == x["on_ema"] == (recipe == "step8")
     md = (out / "bench.md").read_text()
     assert "| recipe " in md and "ablate / 2019 loop" in md and "faults/step" in md and "| TTA " in md
@@ -189,7 +191,7 @@ def test_inline_2019_update_matches_page2019sgd_and_not_torch_sgd():
     torch.manual_seed(0)
     cfg = _loop_cfg()
     cpu = torch.device("cpu")
-    loop = bench_page2019.Page2019Loop(cfg, _synthetic_images(cfg), cpu)
+    loop = page2019.Page2019Loop(cfg, _synthetic_images(cfg), cpu)
     start = copy.deepcopy(loop.model)
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
     lrs = (0.4, 0.1, 0.7)
@@ -219,7 +221,7 @@ def test_inline_2019_update_matches_page2019sgd_and_not_torch_sgd():
 def test_2019_loop_really_trains():
     torch.manual_seed(0)
     cfg = _loop_cfg()
-    loop = bench_page2019.Page2019Loop(cfg, _synthetic_images(cfg), torch.device("cpu"))
+    loop = page2019.Page2019Loop(cfg, _synthetic_images(cfg), torch.device("cpu"))
     ema_before = copy.deepcopy(loop.ema_model.state_dict())
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))  # one batch, seen every step
     losses = [float(loop.step(x, y, lr=0.2)[0]) for _ in range(8)]
@@ -233,7 +235,7 @@ def test_2019_epoch_augmentation_draws_crops_flips_and_cutouts_of_each_image():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(60, 3, 40, 40) + 5  # padded by 4; + 5 so that no pixel is a cutout's 0
     for max_options in (None, 3):
-        out = bench_page2019.augment_epoch(x, 4, False, 0, max_options, g, channels_last=False)
+        out = page2019.augment_epoch(x, 4, False, 0, max_options, g, channels_last=False)
         offsets = []
         for i in range(len(x)):
             found = [(dy, dx) for dy in range(9) for dx in range(9)
@@ -244,11 +246,11 @@ def test_2019_epoch_augmentation_draws_crops_flips_and_cutouts_of_each_image():
             counts = sorted(offsets.count(o) for o in set(offsets))
             assert len(counts) <= 3 and counts[-1] - counts[0] <= 1
     inner = x[:, :, 4:36, 4:36]
-    flipped = bench_page2019.augment_epoch(inner, 0, True, 0, 2, g, channels_last=True)
+    flipped = page2019.augment_epoch(inner, 0, True, 0, 2, g, channels_last=True)
     assert flipped.is_contiguous(memory_format=torch.channels_last)
     mirrored = [bool(torch.equal(flipped[i], inner[i].flip(2))) for i in range(len(inner))]
     assert all(m or torch.equal(flipped[i], inner[i]) for i, m in enumerate(mirrored)) and sum(mirrored) == 30
-    cut = bench_page2019.augment_epoch(inner, 0, False, 8, None, g, channels_last=False)
+    cut = page2019.augment_epoch(inner, 0, False, 8, None, g, channels_last=False)
     zeroed = (cut == 0).all(dim=1)  # N x 32 x 32: the cut-out pixels
     assert (zeroed.sum(dim=(1, 2)) == 64).all()
     assert torch.equal(cut[~zeroed[:, None].expand_as(cut)], inner[~zeroed[:, None].expand_as(inner)])

@@ -62,3 +62,15 @@ def test_no_import_cycle_inside_ablate():
     assert "ablate.train" in graph and "ablate.device" in graph["ablate.train"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_bench_bare_loop_stays_independent_of_the_engine():
+    """The bare loop is the reference the engine is measured against: nothing it imports, at any
+    depth, may be the engine (ablate.train)."""
+    graph = import_graph()
+    reached, todo = set(), ["ablate.bench.bare"]
+    while todo:
+        for module in graph[todo.pop()] - reached:
+            reached.add(module)
+            todo.append(module)
+    assert "ablate.device" in reached and "ablate.train" not in reached

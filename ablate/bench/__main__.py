@@ -1,0 +1,15 @@
+"""``python -m ablate.bench``: :func:`ablate.bench.cli.main`, with a data problem said in one line
+(exit status 2) rather than as a traceback; the page2019 comparison's child processes rely on it."""
+from __future__ import annotations
+
+import sys
+
+from ablate import data
+from ablate.bench.cli import main
+
+if __name__ == "__main__":
+    try:
+        main()
+    except data.DataError as err:
+        print(f"ablate.bench: {err}", file=sys.stderr)
+        sys.exit(2)
