@@ -12,7 +12,7 @@ import pytest
 import yaml
 from scipy import stats
 
-from ablate.report import aggregate, journey_order, load_runs, plot_architectures, plot_timeline, write_report
+from ablate.report import aggregate, journey_order, load_runs, plot_architectures, plot_timeline, verdicts, write_report
 from tests.conftest import REPO, SMOKE
 
 
@@ -219,3 +219,173 @@ def test_contended_cpu_runs_are_flagged_and_left_out_of_the_times(tmp_path):
     assert (runs.loc["clean", "timing_note"], runs.loc["busy", "timing_note"]) == ("", "contended")
     row = aggregate(runs.reset_index()).iloc[0]
     assert row.n == 2 and row.train_s == pytest.approx(10.0) and "1/2 contended" in row.timing_note
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipe labels, verdicts, the timeline's marks and the self-contained HTML (issue 13)
+
+
+def _composed(*overrides):
+    from omegaconf import OmegaConf
+
+    from ablate.compose import compose
+
+    cfg = compose(list(overrides), return_hydra_config=True)
+    choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if not k.startswith("hydra")}
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return OmegaConf.to_container(cfg, resolve=True), choices
+
+
+@pytest.mark.parametrize("overrides, label", [
+    (("+step=step8", "schedule.peak=0.8"), "step8 · schedule.peak=0.8"),
+    (("+step=step4_6", "arch=residual_l2"), "step4_6 · arch=residual_l2"),
+    (("+step=step8", "tta=none", "optim.momentum=0.8"), "step8 · tta=none · optim.momentum=0.8"),
+    (("+step=step8", "scale=cpu", "seed=3", "precision.cpu_half=bf16", "progress=false"), "step8"),
+])
+def test_a_recipe_is_labelled_by_how_it_differs_from_its_step(overrides, label):
+    from ablate.report.labels import recipe_changes, recipe_label
+
+    config, choices = _composed(*overrides)
+    step = config["step"]["id"]
+    assert recipe_label(step, recipe_changes(step, config, choices)) == label
+
+
+def _write(root, name, config, choices, accs, train_s, device="cpu", precision="fp32", cpu=None, seed=0):
+    run = root / name
+    run.mkdir(parents=True)
+    config = dict(config, seed=seed)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = [dict(epoch=i + 1, test_acc=a, train_seconds=train_s * (i + 1) / len(accs),
+                 eval_seconds=0.1 * (i + 1)) for i, a in enumerate(accs)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = dict(status="completed", step=config["step"]["id"], arch=config["arch"]["name"], seed=seed,
+                   scale=config["scale"]["name"], device=device, precision_used=precision, torch_version="2.x",
+                   epochs=len(accs), train_seconds=train_s, eval_seconds=0.1 * len(accs), prep_seconds=0.0,
+                   test_acc=accs[-1], choices=choices, **(cpu or {}))
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+def test_two_recipes_of_one_step_are_two_entries_everywhere(tmp_path):
+    """The acceptance case: a sweep of schedule.peak=0.8,1.0 on step 8 is two recipes, each labelled by
+    its difference, in the aggregates, the verdicts (against their step) and the timeline."""
+    base, choices = _composed("+step=step8", "scale=smoke")
+    _write(tmp_path, "plain", base, choices, (50.0, 60.0, 70.0), 30.0)
+    for i, peak in enumerate((0.8, 1.2)):
+        config, choices = _composed("+step=step8", "scale=smoke", f"schedule.peak={peak}")
+        for seed in (0, 1):
+            _write(tmp_path, f"p{i}s{seed}", config, choices, (50.0, 60.0, 70.0 + seed), 30.0 + seed, seed=seed)
+    runs = load_runs(tmp_path)[0]
+    agg = aggregate(runs)
+    assert sorted(agg.label) == ["step8", "step8 · schedule.peak=0.8", "step8 · schedule.peak=1.2"]
+    assert set(agg[agg.label != "step8"].n) == {2}
+    v = verdicts(runs).set_index("label")
+    assert list(v.loc[["step8 · schedule.peak=0.8"], "vs"]) == ["step8"]
+    assert v.loc["step8 · schedule.peak=0.8", "verdict"] == "no published claim"
+    fig = plot_timeline(agg, tmp_path / "t.png")
+    ticks = [t.get_text().strip() for t in fig.axes[0].get_yticklabels()]
+    assert "schedule.peak=0.8" in ticks and "schedule.peak=1.2" in ticks
+
+
+def test_recipes_that_labels_would_merge_stay_apart(tmp_path):
+    """Two recipes differing only in what labels leave out (the fp16 mapping asked for) get the recipe
+    key appended rather than one shared row."""
+    for i, half in enumerate(("fp32", "bf16")):
+        config, choices = _composed("+step=step8", "scale=smoke", f"precision.cpu_half={half}")
+        _write(tmp_path, f"r{i}", config, choices, (50.0, 60.0), 10.0)
+    labels = sorted(aggregate(load_runs(tmp_path)[0]).label)
+    assert len(labels) == 2 and all(lab.startswith("step8 #") for lab in labels)
+
+
+def test_accuracy_difference_is_welchs_t_test_with_two_runs_or_more():
+    from ablate.report.stats import accuracy_difference
+
+    a, b = pd.Series([94.2, 94.0, 94.3]), pd.Series([93.6, 93.9])
+    d = accuracy_difference(a, b, pooled_sd=1.0)
+    assert d["acc_test"] == "Welch t" and d["acc_p"] == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    assert d["acc_diff"] == pytest.approx(a.mean() - b.mean()) and d["acc_low"] < d["acc_diff"] < d["acc_high"]
+    single = accuracy_difference(pd.Series([94.2]), pd.Series([93.6]), pooled_sd=0.15)
+    assert single["acc_test"].startswith("normal") and single["acc_high"] - single["acc_low"] == pytest.approx(
+        2 * stats.norm.ppf(0.975) * 0.15 * math.sqrt(2))
+
+
+@pytest.mark.parametrize("low, high, claim, sign, verdict", [
+    (0.5, 2.0, "change", 1, "reproduced"), (-2.0, -0.5, "change", 1, "not reproduced"),
+    (-0.5, 2.0, "change", 1, "inconclusive"), (-0.3, 0.4, "holds", 1, "reproduced"),
+    (0.7, 1.5, "holds", 1, "not reproduced"), (-0.2, 0.9, "holds", 1, "inconclusive"),
+])
+def test_a_verdict_follows_the_interval(low, high, claim, sign, verdict):
+    from ablate.report.stats import judge
+
+    got, seeds = judge(low, high, claim, sign, margin=0.5, sd=0.2, estimate=(low + high) / 2, published=1.0)
+    assert got == verdict and (seeds >= 2) == (verdict == "inconclusive")
+
+
+def test_verdicts_of_the_journey_on_hand_made_records(tmp_path):
+    """4_2 -> 4_3: published 56% -> 85.6% in 36/32 of the time; measured +20 points, 1.1x the time, 3
+    seeds each: reproduced. 2 -> 3_1 (fp32 batch norm) on a CPU where both ran fp32: no analogue.
+    3_1 -> 3_2 claims 0.87x the time; measured 1.3x with a tight spread: not reproduced."""
+    def steps(step, accs, times):
+        config, choices = _composed(f"+step={step}", "scale=cpu")
+        for seed, (acc, t) in enumerate(zip(accs, times)):
+            _write(tmp_path, f"{step}_{seed}", config, choices, (acc - 5, acc - 2, acc), t, seed=seed)
+
+    steps("step2", (88.0, 88.2, 87.9), (100.0, 101.0, 99.0))
+    steps("step3_1", (88.1, 88.0, 88.2), (100.0, 100.5, 99.5))
+    steps("step3_2", (88.3, 88.1, 88.2), (130.0, 131.0, 129.0))
+    steps("step4_2", (60.0, 61.0, 59.5), (50.0, 50.5, 49.5))
+    steps("step4_3", (80.0, 81.0, 80.5), (55.0, 55.5, 54.5))
+    v = verdicts(load_runs(tmp_path)[0]).set_index("step")
+    assert v.loc["step4_3", "vs"] == "step4_2" and v.loc["step4_3", "acc_verdict"] == "reproduced"
+    assert v.loc["step4_3", "time_verdict"] == "reproduced" and v.loc["step4_3", "verdict"] == "reproduced"
+    assert v.loc["step3_1", "verdict"] == "no analogue" and "both steps ran fp32" in v.loc["step3_1", "note"]
+    assert v.loc["step3_2", "time_verdict"] == "not reproduced" and v.loc["step3_2", "verdict"] == "not reproduced"
+    assert v.loc["step3_2", "time_ratio"] == pytest.approx(1.3, rel=0.01)
+
+
+def test_timeline_hatches_a_step_below_target_and_keeps_devices_apart(tmp_path):
+    intel = dict(cpu_model="Intel(R) Xeon(R) Processor", cpu_isa="AVX512")
+    amd = dict(cpu_model="AMD EPYC", cpu_isa="AVX2")
+    for step, acc in (("step4_6", 80.0), ("step4", 87.0)):
+        config, choices = _composed(f"+step={step}", "scale=cpu")
+        _write(tmp_path, f"{step}_i", config, choices, (70.0, acc), 100.0, cpu=intel)
+        _write(tmp_path, f"{step}_a", config, choices, (70.0, acc), 250.0, cpu=amd)
+    agg = aggregate(load_runs(tmp_path)[0])
+    assert set(agg.device) == {"cpu · Intel Xeon · AVX512", "cpu · AMD EPYC · AVX2"}
+    fig = plot_timeline(agg, tmp_path / "t.png")
+    published, amd_panel, intel_panel, normalised = fig.axes
+    assert "AMD" in amd_panel.get_title() and "Intel" in intel_panel.get_title()
+    hatched = [p.get_hatch() for p in intel_panel.patches]
+    assert hatched == ["////", None]  # step4_6 at 80% misses the cpu-scale target of 86%; step4 reaches it
+    texts = " ".join(t.get_text() for t in intel_panel.texts)
+    assert "100 s · 80.0% · n=1" in texts and "100 s · 87.0% · n=1" in texts
+
+
+def test_report_html_is_self_contained_and_markdown_has_no_nan(tmp_path):
+    for i, step in enumerate(["step0", "step4", "step8"]):
+        _record(tmp_path / "runs", f"{i}", step=step, train_s=100.0 / (i + 1))
+    files = write_report(tmp_path / "runs", tmp_path / "rep")
+    page = files["html"].read_text()
+    assert page.count("data:image/png;base64,") >= 2 and "<script>" in page and "<table" in page
+    assert "http://" not in page and "https://" not in page  # nothing fetched at view time
+    report = files["report"].read_text()
+    assert "nan" not in report.lower().replace("nanoseconds", "")
+    assert max(len(line) for line in report.splitlines() if line.startswith("|")) < 160
+    assert (tmp_path / "rep" / "verdicts.csv").is_file()
+
+
+def test_curves_draw_one_mean_line_and_band_per_recipe(tmp_path):
+    from ablate.report import plot_curves
+
+    config, choices = _composed("+step=step8", "scale=cpu")
+    for seed in (0, 1, 2):
+        _write(tmp_path, f"s{seed}", config, choices, (60.0 + seed, 80.0 + seed, 86.0 + seed), 30.0, seed=seed)
+    runs, curves, _ = load_runs(tmp_path)
+    fig = plot_curves(runs, curves, tmp_path / "c.png")
+    per_epoch, per_second = fig.axes[:2]
+    lines = [line for line in per_epoch.get_lines() if line.get_label() == "step8"]
+    assert len(lines) == 1 and list(lines[0].get_ydata()) == pytest.approx([61.0, 81.0, 87.0])  # the mean
+    assert len(per_epoch.collections) == 1  # the band over seeds
+    assert any(line.get_ydata()[0] == 86.0 for line in per_epoch.get_lines() if line.get_linestyle() == "--")
+    assert per_second.get_xscale() == "log"
+    ticks = per_epoch.xaxis.get_major_locator()()
+    assert all(float(t).is_integer() for t in ticks)

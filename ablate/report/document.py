@@ -186,9 +186,12 @@ def build_sections(runs: pd.DataFrame, agg: pd.DataFrame, verdict: pd.DataFrame,
     if len(verdict):
         for k, ((scale, device), v) in enumerate(verdict.groupby(["scale", "device"], sort=True)):
             where = f"scale {scale} · {device}"
+            spread = sorted(set(v.sd_note) - {""})
             sections += [Section(f"Verdicts: time · {where}", [VERDICTS_EXPLAIN] if k == 0 else [],
                                  table=table(v, VERDICT_TIME)),
-                         Section(f"Verdicts: accuracy · {where}", table=table(v, VERDICT_ACC))]
+                         Section(f"Verdicts: accuracy · {where}",
+                                 [f"Where a side has one run, the interval uses {spread[0]}."] if spread else [],
+                                 table=table(v, VERDICT_ACC))]
     sections += [Section(title, image=name) for title, name in charts[1:]]
     sections.append(Section("Runs", table=table(runs, RUNS)))
     if problems:

@@ -292,7 +292,6 @@ def verdicts(runs: pd.DataFrame) -> pd.DataFrame:
                              seeds_needed=None)
             else:
                 parts = _verdict_parts(c)
-            notes = [why, sd_note if c["acc_test"] != "Welch t" else ""]
             rows.append(dict(step=step, label=label, vs=before, scale=scale, device=device, n=len(a), n_vs=len(b),
-                             **c, **parts, note="; ".join(x for x in notes if x)))
+                             **c, **parts, note=why, sd_note=sd_note if c["acc_test"] != "Welch t" else ""))
     return pd.DataFrame(rows)
