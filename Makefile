@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m ablate.demo
+	$(PY) -m ablate.demo $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -107,3 +107,21 @@ def test_resume_never_takes_a_record_of_another_precision_or_layout(tmp_path):
     del summary["channels_last"]  # a record written before the layout was recorded: config says None
     (tmp_path / "0" / "summary.json").write_text(json.dumps(summary))
     assert find_completed(key, tmp_path, dict(here, channels_last=False)) == tmp_path / "0"
+
+
+def test_demo_runs_the_final_recipe_and_reports_it_beside_the_committed_journey(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = subprocess.run([sys.executable, "-m", "ablate.demo", "scale=smoke", "data=synthetic", "progress=false"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "running step8 at scale=smoke" in out.stdout and "beside the committed journey" in out.stdout
+    (demo,) = (tmp_path / "runs" / "demo").iterdir()
+    report = (demo / "report" / "REPORT.md").read_text()
+    assert f"{demo.name}/report/timeline.png" in out.stdout and f"{demo.name}/report/REPORT.md" in out.stdout
+    assert "| run/." in report  # the demo's own run ...
+    assert "| runs/0_step8_resnet9_cpu_s0" in report  # ... pooled with the committed journey's

@@ -199,11 +199,14 @@ def build_sections(runs: pd.DataFrame, agg: pd.DataFrame, verdict: pd.DataFrame,
     return sections
 
 
-def write_report(root: Path, out: Path, target: float | None = None) -> dict[str, Path]:
+def write_report(roots: Path | Sequence[Path], out: Path, target: float | None = None) -> dict[str, Path]:
     """Write runs, aggregates and verdicts (CSV and Parquet), the charts, REPORT.md and report.html
-    into ``out``; return what was written."""
+    into ``out`` from the records below ``roots`` (one directory or several, pooled); return what was
+    written."""
+    roots = [Path(roots)] if isinstance(roots, (str, Path)) else [Path(r) for r in roots]
+    root = ", ".join(map(str, roots))
     out.mkdir(parents=True, exist_ok=True)
-    runs, curves, problems = load_runs(root, target)
+    runs, curves, problems = load_runs(roots, target)
     for p in problems:
         print(f"warning: {p}", file=sys.stderr)
     if runs.empty:
@@ -245,13 +248,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m ablate.report",
                                      description="Tables, verdicts, charts, REPORT.md and report.html from run records.")
-    parser.add_argument("runs", type=Path, help="a directory of run records (searched at any depth)")
-    parser.add_argument("--out", type=Path, help="where to write the report (default: <runs>/report)")
+    parser.add_argument("runs", type=Path, nargs="+",
+                        help="directories of run records (searched at any depth; several are pooled)")
+    parser.add_argument("--out", type=Path, help="where to write the report (default: <first runs dir>/report)")
     parser.add_argument("--target", type=float, help="accuracy target in percent (default: each run's; "
                                                      "at scale=cpu 86%%, see ablate.report.load)")
     args = parser.parse_args(argv)
-    if not args.runs.is_dir():
-        parser.error(f"{args.runs} is not a directory")
-    files = write_report(args.runs, args.out or args.runs / "report", args.target)
+    for runs in args.runs:
+        if not runs.is_dir():
+            parser.error(f"{runs} is not a directory")
+    files = write_report(args.runs, args.out or args.runs[0] / "report", args.target)
     for name, path in files.items():
         print(f"{name:>14}: {path}")

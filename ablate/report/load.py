@@ -12,6 +12,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -198,25 +199,32 @@ def _distinct_labels(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
-def load_runs(root: Path, target: float | None = None) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], list[str]]:
-    """One row per run below ``root``, the per-epoch metrics of each run, and the problems met."""
+def load_runs(roots: Path | Sequence[Path], target: float | None = None
+              ) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], list[str]]:
+    """One row per run below ``roots`` (one directory or several, whose runs are pooled: a run is
+    named by its path below its root, prefixed by the root's name when there are several), the
+    per-epoch metrics of each run, and the problems met."""
+    roots = [Path(roots)] if isinstance(roots, (str, Path)) else [Path(r) for r in roots]
     rows, curves, problems = [], {}, []
-    for path in sorted(Path(root).rglob(SUMMARY)):
-        run_dir = path.parent
-        try:
-            summary = json.loads(path.read_text())
-            if not isinstance(summary, dict) or "status" not in summary:
-                raise ValueError("no status field")
-        except (OSError, ValueError) as err:
-            problems.append(f"{path}: unreadable summary ({err}); skipped")
-            continue
-        try:  # a record that parses but holds the wrong shapes or types is skipped, never fatal
-            row, metrics = _read_record(Path(root), run_dir, summary, target, problems)
-        except (AttributeError, TypeError, ValueError, KeyError) as err:
-            problems.append(f"{run_dir}: unusable record ({type(err).__name__}: {err}); skipped")
-            continue
-        rows.append(row)
-        curves[row["run"]] = pd.DataFrame(metrics)
+    for root in roots:
+        for path in sorted(root.rglob(SUMMARY)):
+            run_dir = path.parent
+            try:
+                summary = json.loads(path.read_text())
+                if not isinstance(summary, dict) or "status" not in summary:
+                    raise ValueError("no status field")
+            except (OSError, ValueError) as err:
+                problems.append(f"{path}: unreadable summary ({err}); skipped")
+                continue
+            try:  # a record that parses but holds the wrong shapes or types is skipped, never fatal
+                row, metrics = _read_record(root, run_dir, summary, target, problems)
+            except (AttributeError, TypeError, ValueError, KeyError) as err:
+                problems.append(f"{run_dir}: unusable record ({type(err).__name__}: {err}); skipped")
+                continue
+            if len(roots) > 1:
+                row["run"] = f"{root.name}/{row['run']}"
+            rows.append(row)
+            curves[row["run"]] = pd.DataFrame(metrics)
     runs = pd.DataFrame(rows)
     if len(runs):
         order = {s: i for i, s in enumerate(journey_order())}
