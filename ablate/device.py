@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-CPU_HALF = ("fp32", "bf16")  # what fp16 and fp16_bn32 become on a CPU (precision.cpu_half)
+CPU_HALF = ("auto", "fp32", "bf16")  # what fp16 and fp16_bn32 become on a CPU (precision.cpu_half)
 
 
 @dataclass(frozen=True)
@@ -99,11 +99,12 @@ def resolve_precision(name: str, device: torch.device, cpu_half: str = "fp32") -
     """Map a requested precision to what the device runs natively (design.md: say which ran).
 
     CPUs have no fast fp16 convolutions (they are emulated, far slower), so fp16 and fp16_bn32 run
-    as ``cpu_half`` there: fp32, or bf16 autocast. bf16 on a GPU without bf16 tensor cores runs as
-    fp16 with fp32 batch norm, the nearest precision it runs fast.
+    as ``cpu_half`` there: fp32, bf16 autocast, or ``auto``: bf16 where the CPU computes it natively
+    (AMX or AVX512-BF16, ``cpu_native_bf16``), fp32 where bf16 would be emulated. bf16 on a GPU
+    without bf16 tensor cores runs as fp16 with fp32 batch norm, the nearest precision it runs fast.
     """
     if name in ("fp16", "fp16_bn32") and device.type == "cpu":
-        name = cpu_half
+        name = cpu_half if cpu_half != "auto" else "bf16" if cpu_native_bf16() else "fp32"
     if name == "bf16" and device.type == "cuda" and not cuda_has_fast_bf16(device):
         name = "fp16_bn32"
     return _PRECISIONS[name]

@@ -115,6 +115,17 @@ def test_cpu_facts_name_the_native_bf16(monkeypatch, flags, native):
     assert facts["cpu_bf16"] == (native or "none") and facts["cpu_model"] and facts["cpu_isa"]
 
 
+@pytest.mark.parametrize("native, runs", [("amx", "bf16"), ("avx512_bf16", "bf16"), (None, "fp32")])
+def test_auto_cpu_half_is_bf16_only_where_the_cpu_has_it_natively(monkeypatch, native, runs):
+    from ablate import device
+
+    monkeypatch.setattr(device, "cpu_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert device.resolve_precision("fp16_bn32", cpu, cpu_half="auto").name == runs
+    assert device.resolve_precision("fp16", cpu, cpu_half="auto").name == runs
+    assert device.resolve_precision("fp32", cpu, cpu_half="auto").name == "fp32"  # asked fp32 stays fp32
+
+
 def test_steps_per_epoch_keeps_or_drops_the_last_batch():
     assert steps_per_epoch(50_000, 512, drop_last=True) == 97
     assert steps_per_epoch(50_000, 512, drop_last=False) == 98
