@@ -38,3 +38,19 @@ def test_readme_journey_table_matches_the_step_files():
     for name, (epochs, seconds) in table.items():
         ref = steps[name]["step"]["ref"]
         assert (epochs, seconds) == (ref["epochs"], ref["time_s"]), name
+
+
+def test_readme_replay_table_is_the_committed_records():
+    """The README's brief of the CPU-scale replay is what the committed records say today:
+    `python -m ablate.report experiments/journey-cpu/runs --out experiments/journey-cpu/report
+    --readme README.md` rewrites it."""
+    from ablate.report.document import README_MARKERS, journey_table
+    from ablate.report.load import load_runs
+    from ablate.report.stats import aggregate
+
+    text = (REPO / "README.md").read_text()
+    start, end = README_MARKERS
+    written = text.split(start, 1)[1].split(end, 1)[0].strip()
+    runs = load_runs(REPO / "experiments" / "journey-cpu" / "runs")[0]
+    assert written == journey_table(aggregate(runs)).to_markdown(index=False, disable_numparse=True).strip()
+    assert (REPO / "experiments" / "journey-cpu" / "report" / "timeline.png").is_file()

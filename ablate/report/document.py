@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import pandas as pd
 
 from ablate.report.figures import architecture_step, plot_architectures, plot_curves
-from ablate.report.load import CONTENDED_SHARE, load_runs
+from ablate.report.load import CONTENDED_SHARE, journey_steps, load_runs
 from ablate.report.stats import aggregate, verdicts
 from ablate.report.timeline import plot_timeline, timeline_rows
 from ablate.studies import study_charts
@@ -165,6 +165,34 @@ VERDICTS_EXPLAIN = ("Each step against the step before it that was measured on t
                     "changes) is measured against its own step; nothing was published for it.")
 
 
+JOURNEY = [("step", "step", _text), ("change", "change", _text), ("measured s", "time_s", _number(0, True)),
+           ("measured %", "acc_mean", _number(2)), ("n", "n", _number(0)), ("machine", "device", _text),
+           ("published s", "ref_time_s", _number(1)), ("published %", "ref_acc", _number(2))]
+README_MARKERS = ("<!-- journey table: written by python -m ablate.report ... --readme; do not edit -->",
+                  "<!-- end of journey table -->")
+
+
+def journey_table(agg: pd.DataFrame) -> pd.DataFrame:
+    """The measured journey in brief: each plain step (no ablations), in journey order, on each
+    scale and device, beside its published time and accuracy."""
+    steps = {s["id"]: s for s in journey_steps()}
+    plain = agg[(agg.label == agg.step) & agg.step.isin(steps)].copy()
+    plain["change"] = [steps[s].get("change", "").split(";")[0] for s in plain.step]
+    plain["_o"] = plain.step.map({s: i for i, s in enumerate(steps)})
+    return table(plain.sort_values(["scale", "_o", "device"]), JOURNEY)
+
+
+def write_readme_table(readme: Path, agg: pd.DataFrame) -> None:
+    """Replace the journey table between README_MARKERS in ``readme`` with the measured one."""
+    text = readme.read_text()
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        raise SystemExit(f"ablate.report: {readme} has no journey-table markers ({start} ... {end})")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    readme.write_text(f"{head}{start}\n{journey_table(agg).to_markdown(index=False, disable_numparse=True)}\n{end}{tail}")
+
+
 def build_sections(runs: pd.DataFrame, agg: pd.DataFrame, verdict: pd.DataFrame, charts: list[tuple[str, str]],
                    problems: list[str]) -> list[Section]:
     counts = runs.status.value_counts().to_dict()
@@ -199,7 +227,8 @@ def build_sections(runs: pd.DataFrame, agg: pd.DataFrame, verdict: pd.DataFrame,
     return sections
 
 
-def write_report(roots: Path | Sequence[Path], out: Path, target: float | None = None) -> dict[str, Path]:
+def write_report(roots: Path | Sequence[Path], out: Path, target: float | None = None,
+                 readme: Path | None = None) -> dict[str, Path]:
     """Write runs, aggregates and verdicts (CSV and Parquet), the charts, REPORT.md and report.html
     into ``out`` from the records below ``roots`` (one directory or several, pooled); return what was
     written."""
@@ -240,6 +269,9 @@ def write_report(roots: Path | Sequence[Path], out: Path, target: float | None =
     (out / "REPORT.md").write_text(to_markdown(title, sections))
     (out / "report.html").write_text(to_html(title, sections, out))
     files.update(report=out / "REPORT.md", html=out / "report.html")
+    if readme is not None:
+        write_readme_table(readme, agg)
+        files["readme"] = readme
     return files
 
 
@@ -253,10 +285,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="where to write the report (default: <first runs dir>/report)")
     parser.add_argument("--target", type=float, help="accuracy target in percent (default: each run's; "
                                                      "at scale=cpu 86%%, see ablate.report.load)")
+    parser.add_argument("--readme", type=Path, help="also rewrite the journey table between the markers of "
+                                                    "this Markdown file (the project README's brief of the replay)")
     args = parser.parse_args(argv)
     for runs in args.runs:
         if not runs.is_dir():
             parser.error(f"{runs} is not a directory")
-    files = write_report(args.runs, args.out or args.runs[0] / "report", args.target)
+    files = write_report(args.runs, args.out or args.runs[0] / "report", args.target, args.readme)
     for name, path in files.items():
         print(f"{name:>14}: {path}")

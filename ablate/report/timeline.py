@@ -220,7 +220,7 @@ def plot_timeline(agg: pd.DataFrame, path: Path):
         series = _measured(rows, panel)
         _draw_bars(ax, ys, series, f"measured: scale {scale}\n{device}")
         _log_axis(ax, [s["time"] + (s.get("err") or 0) for s in series if s])
-        named.append((f"{scale} · {device}", series, palette[(k + 1) % 10]))
+        named.append((f"scale {scale} · {device}", series, palette[(k + 1) % 10]))
     _normalised(axes[-1], ys, named, rows)
     for ax in axes:
         for y, r in zip(ys, rows):
