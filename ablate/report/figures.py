@@ -133,8 +133,9 @@ def plot_architectures(agg: pd.DataFrame, path: Path):
         ax.step(f.train_s, f.acc_mean, where="post", color="tab:red", lw=1, alpha=0.7, label="Pareto front")
         ax.set_xlabel("train seconds")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{', '.join(sorted(set(g.step)))} · scale {scale} · {device} · "
-                     f"n = {int(g.n.min())}–{int(g.n.max())} per network", fontsize=8)
+        n = f"{int(g.n.min())}" if g.n.min() == g.n.max() else f"{int(g.n.min())}–{int(g.n.max())}"
+        ax.set_title(f"{', '.join(sorted(set(g.step)))} · scale {scale} · {device} · n = {n} per network",
+                     fontsize=8)
         ax.legend(fontsize=7, loc="lower right")
         ax.grid(alpha=0.3)
     bax = axes[-1]
