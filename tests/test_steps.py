@@ -130,3 +130,17 @@ def test_every_step_runs_at_smoke_scale(step, tmp_path):
     assert summary["status"] == "completed" and summary["epochs"] == 2
     assert read_summary(tmp_path)["status"] == "completed"
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_fenwicks_recipe_is_step4_with_the_tutorials_differences(tmp_path):
+    """sota-facts 1 row 11: Page's ResNet9 recipe of step 4 with a quarter of its weight decay
+    (1.25e-4 x batch), every image its own crop (tf.data per example), the LR read at the step's start
+    (TF's global step), and the tutorial's 94.24% (one run, TPUv2-8) as its reference."""
+    assert _recipe("+recipe=fenwicks") == _recipe("+step=step4", "loader=device_unlimited",
+                                                  "optim.weight_decay=1.25e-4", "schedule.step_at=start")
+    cfg = make_cfg("+recipe=fenwicks")
+    validate(cfg)
+    assert cfg.step.id == "step4" and (cfg.step.ref.accuracy, cfg.step.ref.hardware) == (94.24, "TPUv2-8")
+    assert (cfg.arch.name, cfg.batch_size, cfg.augmentation.cutout, cfg.optim.momentum) == ("resnet9", 512, 8, 0.9)
+    summary = execute(make_cfg("+recipe=fenwicks", *SMOKE), tmp_path)
+    assert summary["status"] == "completed"
