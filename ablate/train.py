@@ -244,10 +244,14 @@ def fit_whitening(model: nn.Module, images: data.Images, device: torch.device) -
             m.fit(data.normalise(images.train_x[sample].to(device)))
 
 
+def _biased_whitenings(model: nn.Module) -> list[Whitening]:
+    return [m for m in model.modules() if isinstance(m, Whitening) and m.bias is not None]
+
+
 @contextmanager
 def whitening_bias_frozen(model: nn.Module) -> Iterator[None]:
     """The model with its whitening biases frozen inside the block (the warm-up's second state)."""
-    layers = [m for m in model.modules() if isinstance(m, Whitening) and m.bias is not None]
+    layers = _biased_whitenings(model)
     for m in layers:
         m.freeze_bias(True)
     try:
@@ -260,7 +264,7 @@ def whitening_bias_frozen(model: nn.Module) -> Iterator[None]:
 def whitening_bias_freeze(model: nn.Module, after_epochs: float) -> Callable[[int], None]:
     """An epoch hook: the whitening biases train while epoch < ``after_epochs`` and are frozen from then
     on (airbench94: ``bias.requires_grad = epoch < 3`` at each epoch's start)."""
-    layers = [m for m in model.modules() if isinstance(m, Whitening) and m.bias is not None]
+    layers = _biased_whitenings(model)
 
     def hook(epoch: int) -> None:
         for m in layers:
@@ -350,8 +354,10 @@ def compile_and_warm_up(cfg, model: nn.Module, warm: Callable[[nn.Module], float
 
 
 def _batches(cfg, images: data.Images, device: torch.device, dtype: torch.dtype, generator: torch.Generator,
-             batch_size: int) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-    """Preprocess the training set for the configured loader; return a factory of epoch iterators."""
+             batch_size: int | None = None) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """Preprocess the training set for the configured loader; return a factory of epoch iterators of
+    ``batch_size`` batches (``cfg.batch_size`` unless given)."""
+    batch_size = batch_size or cfg.batch_size
     if cfg.loader.kind == "device":
         x, y = resident_training_set(images, cfg.augmentation.crop_pad, device, dtype)
         flips = augment.AlternatingFlips(len(x), generator) if cfg.augmentation.alternating_flip else None
