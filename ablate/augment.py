@@ -97,21 +97,43 @@ def _positions(n: int, span: int, generator: torch.Generator, max_options: Optio
 
 
 def draw_choices(n: int, aug: AugmentationConfig, generator: torch.Generator,
-                 max_options: Optional[int] = None) -> Choices:
+                 max_options: Optional[int] = None, flips: Optional[Tensor] = None) -> Choices:
     """The random choices for an epoch of ``n`` images in a few bulk RNG calls (step 1_3 on).
 
     With ``max_options`` crop offsets and cutout positions each use at most that many distinct
-    randomly chosen options (step 8_1: 200); flips stay independent per image. Disabled
-    augmentations give zeros (and never flip).
+    randomly chosen options (step 8_1: 200); flips stay independent per image, unless ``flips`` gives
+    them (the alternating flip). Disabled augmentations give zeros (and never flip).
     """
     crop_y, crop_x = _positions(n, 2 * aug.crop_pad + 1, generator, max_options)
-    if aug.flip:
+    if flips is not None:
+        flip = flips.to(generator.device)
+    elif aug.flip:
         flip = torch.rand(n, generator=generator, device=generator.device) < 0.5
     else:
         flip = torch.zeros(n, dtype=torch.bool, device=generator.device)
     span = IMAGE_SIZE - aug.cutout + 1 if aug.cutout > 0 else 1
     cut_y, cut_x = _positions(n, span, generator, max_options)
     return Choices(crop_y, crop_x, flip, cut_y, cut_x)
+
+
+class AlternatingFlips:
+    """airbench's alternating ("derandomised") flip: in the first epoch a random half of the images is
+    flipped; from then on each image's orientation alternates every epoch (flip = first flip XOR odd
+    epoch). Every image is seen both ways in any two consecutive epochs, where random flips leave a
+    quarter of them one way twice."""
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n, self.generator = n, generator
+        self.first: Optional[Tensor] = None
+        self.epoch = 0
+
+    def next_epoch(self) -> Tensor:
+        """The next epoch's flips, one bool per image in data-set order."""
+        if self.first is None:  # drawn with the run's generator when the first epoch starts
+            self.first = torch.rand(self.n, generator=self.generator, device=self.generator.device) < 0.5
+        flips = self.first ^ bool(self.epoch % 2)
+        self.epoch += 1
+        return flips
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,11 +182,13 @@ def augment_batch(x: Tensor, choices: Choices, cutout: int) -> Tensor:
 
 
 def device_epoch(x_padded: Tensor, y: Tensor, aug: AugmentationConfig, batch_size: int, drop_last: bool,
-                 generator: torch.Generator, max_options: Optional[int]) -> Iterator[tuple[Tensor, Tensor]]:
+                 generator: torch.Generator, max_options: Optional[int],
+                 flips: Optional[Tensor] = None) -> Iterator[tuple[Tensor, Tensor]]:
     """One epoch of the step-8 path: draw choices, augment the whole set on its device at once,
-    shuffle, yield ``batch_size`` batches (the last partial one only if not ``drop_last``)."""
+    shuffle, yield ``batch_size`` batches (the last partial one only if not ``drop_last``). ``flips``,
+    when given, are the epoch's flips (``AlternatingFlips``) instead of random ones."""
     n = len(x_padded)
-    data = augment_batch(x_padded, draw_choices(n, aug, generator, max_options), aug.cutout)
+    data = augment_batch(x_padded, draw_choices(n, aug, generator, max_options, flips), aug.cutout)
     order = torch.randperm(n, generator=generator, device=generator.device)
     order = order.to(x_padded.device, non_blocking=order.device.type == "cpu")
     y = y.to(x_padded.device)

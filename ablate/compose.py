@@ -44,8 +44,9 @@ def register() -> None:
     register_configs()
     register_sweeper()
     store = ConfigStore.instance()
-    for name in REGISTRY:
-        store.store(group="arch", name=name, node=ArchConfig(name=name))
+    for name, spec in REGISTRY.items():
+        # The whitening eps travels with the network (airbench's 5e-4, Page's 1e-2 default).
+        store.store(group="arch", name=name, node=ArchConfig(name=name, whiten_eps=spec.whiten_eps))
     _registered = True
 
 

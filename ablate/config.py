@@ -28,14 +28,21 @@ class ArchConfig:
 
     name: str = "resnet9"
     width_mult: float = 1.0  # multiplies every channel width, on top of the scale's multiplier
-    stem: Optional[str] = None  # 'conv' (3x3 prep conv) | 'whiten' (fixed 3x3 patch whitening + 1x1)
+    # 'conv' (a learned prep conv) | 'whiten' (Page's: fixed patch whitening + 1x1 conv_bn) | 'whiten_act'
+    # (airbench's: fixed patch whitening with a learnable bias, straight into the activation)
+    stem: Optional[str] = None
+    # The whitening variant: 'page3x3' (3x3, 27 filters, Post 8) | 'airbench2x2' (2x2, 12 filters and
+    # their negations, airbench94); None keeps the network's. ablate.layers.WHITENINGS.
+    whitening: Optional[str] = None
     pool_before_norm: Optional[bool] = None  # conv -> pool -> norm -> act in the pooling layers
     logit_scale: Optional[float] = None
     whiten_eps: float = 1e-2
     # E6: Page's DAWN_net adds ReLU(BN(x)) on the identity path ('activated'); bkj adds x ('input').
     preact_shortcut: str = "activated"
     # 'default': PyTorch's own initialisation; 'he': every conv/linear weight N(0, 2/fan_in), the
-    # initialisation under which Post 7's shifted ReLU ('frozen BN') keeps activations standardised.
+    # initialisation under which Post 7's shifted ReLU ('frozen BN') keeps activations standardised;
+    # 'dirac': airbench's partial identity (the first C_in filters of every conv are the identity);
+    # 'dirac_unit_head': dirac plus a unit-std classifier (airbench94_muon).
     init: str = "default"
 
 
@@ -82,6 +89,9 @@ class AugmentationConfig:
     crop_pad: int = 4  # reflect-pad by this much, then take a random 32x32 crop (0: no crop)
     flip: bool = True  # random horizontal flip, p = 0.5
     cutout: int = 8  # side of the zeroed square inside the crop (0: no cutout)
+    # airbench's "alternating" flip: a random half of the images is flipped in the first epoch, and every
+    # image's orientation alternates each epoch after (needs flip and the device loader).
+    alternating_flip: bool = False
 
 
 @dataclass
@@ -104,6 +114,12 @@ class ScheduleConfig:
     lr: list[float] = field(default_factory=lambda: [0.0, 0.4, 0.0])
     peak: Optional[float] = None  # rescale ``lr`` so that its maximum is this (Post 5's max LR, lambda)
     stop: Optional[float] = None  # end training at this epoch, part-way through the schedule (Post 7)
+    # Stretch the knots so that the schedule ends at this epoch (airbench defines its schedules as
+    # fractions of the run); None keeps them. Fractional: training stops mid-epoch (9.9 = 476 steps of 48).
+    epochs: Optional[float] = None
+    # Step i of an epoch of n steps runs at the LR of epoch + (i+1)/n ('end', the 2018/2019 code) or
+    # epoch + i/n ('start': airbench's LambdaLR, stepped after each update).
+    step_at: str = "end"
 
 
 @dataclass
@@ -126,6 +142,23 @@ class OptimConfig:
     # a step of 0.008|w| before momentum, which momentum's averaging of noisy steps (about 1/sqrt(1-rho^2)
     # = 2.3x at rho 0.9) brings near plain SGD's equilibrium sqrt(2 lr wd / (1 + rho)) = 0.0145 there.
     lars_trust: float = 0.02
+    # What the LR and WD numbers mean (ablate.optim.UNITS): 'page' (blog: per-batch LR for a mean
+    # loss, mean-loss WD), 'decoupled' (airbench94: LR per 1024 examples, divided by 1 + 1/(1 - momentum)
+    # so that momentum does not change the step size; WD per 1024 examples, independent of the LR) or
+    # 'torch' (torch's own per-example LR on the summed loss, as airbench94_muon writes it; WD as in
+    # 'decoupled', per example).
+    units: str = "page"
+    head_lr_mult: float = 1.0  # the classifier's LR x this (airbench94_muon: 0.67 / 0.053) ...
+    head_wd_mult: float = 1.0  # ... and its weight decay x this
+    # Train the whitening layer's bias for this many epochs, then freeze it (airbench94: 3); None: never.
+    whiten_bias_epochs: Optional[float] = None
+    # Its LR meanwhile: 'schedule' (the main one, airbench94) or 'linear' (from the base LR linearly to 0
+    # at whiten_bias_epochs, airbench94_muon).
+    whiten_bias_lr: str = "schedule"
+    # optim.update=muon: Muon on every trainable conv filter, Nesterov SGD on the rest (airbench94_muon).
+    muon_lr: float = 0.24  # Muon's step length at the schedule's peak (it follows the schedule's shape)
+    muon_momentum: float = 0.6
+    muon_ns_steps: int = 3  # quintic Newton-Schulz iterations
 
 
 @dataclass
@@ -139,11 +172,19 @@ class EMAConfig:
     enabled: bool = False
     momentum: float = 0.99  # per step; an update every ``every`` steps uses momentum**every
     every: int = 5  # the step counter restarts every epoch, as in the 2019 code (A3 EMA mechanics)
+    # 'ema': Page's, an averaged copy that is evaluated; 'lookahead': airbench's, every ``every`` steps
+    # the average moves towards the live weights with decay momentum**every * (step/total)**power and the
+    # live weights are reset to it; the live model is evaluated, and ends as the average.
+    kind: str = "ema"
+    power: float = 3.0
 
 
 @dataclass
 class TTAConfig:
     flip: bool = False  # average the logits of each test image and its mirror image
+    # airbench's multi-crop: also the views shifted by (-t, -t) and (+t, +t) (reflect padding), each with
+    # its mirror; the two shifted pairs weigh as much as the unshifted pair (6 views for t = 1).
+    translate: int = 0
 
 
 @dataclass
@@ -176,12 +217,16 @@ class RefConfig:
     """The published numbers a step is compared with (steps.md, docs/references.md)."""
 
     time_s: Optional[float] = None
-    timing: str = "with_eval"  # 'with_eval' (Posts 1-4 include per-epoch eval) | 'train_only' (Post 8)
+    # 'with_eval' (Posts 1-4 include per-epoch eval) | 'train_only' (Post 8) | 'train_tta' (airbench:
+    # training, whitening fit included, plus the final evaluation pass; logging evaluation excluded)
+    timing: str = "with_eval"
     accuracy: Optional[float] = None  # percent
     accuracy_note: str = ""
     epochs: Optional[float] = None
     batch_size: Optional[int] = None
     source: str = ""
+    pflop: Optional[float] = None  # the run's published compute (airbench's ablation table)
+    hardware: str = "V100"  # what the published time was measured on (Posts: one V100; airbench: one A100)
 
 
 @dataclass
@@ -220,6 +265,13 @@ class Config:
 def register_configs() -> None:
     """Put the schema into Hydra's ConfigStore; ``conf/config.yaml`` names it first in its defaults."""
     ConfigStore.instance().store(name="schema", node=Config)
+
+
+def batch_size_of(cfg: Any) -> int:
+    """The batch a run trains with: ``batch_size``, or the whole training subset of a reduced scale when
+    that is smaller (smoke's 1,024 images and step 10's batch of 2,000: one batch of 1,024)."""
+    subset = cfg.scale.train_size
+    return min(cfg.batch_size, subset) if subset else cfg.batch_size
 
 
 def update_rule(optim: Any) -> str:

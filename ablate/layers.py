@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator
 
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from ablate.config import ActConfig, NormConfig
 from ablate.device import memory_format_of
 
-WHITEN_CHANNELS = 27  # 3 colour channels x 3 x 3 patch: the whitening conv's fixed output width
+WHITEN_CHANNELS = 27  # 3 colour channels x 3 x 3 patch: Page's whitening conv's fixed output width
 
 
 class GhostBatchNorm(nn.BatchNorm2d):
@@ -243,6 +244,11 @@ def _shifted_relu(cfg: ActConfig, inplace: bool = False) -> nn.Module:
     return ShiftedReLU()
 
 
+def _gelu(cfg: ActConfig, inplace: bool = False) -> nn.Module:
+    # The exact (erf) GELU, nn.GELU's default, as airbench94 uses it; it has no in-place form.
+    return nn.GELU()
+
+
 # Each builder takes ``inplace``: ReLU and CELU may then overwrite their input, as the reference code's
 # nn.ReLU(True) does, which saves one activation-sized block per layer (forward and backward).
 ACT_LAYERS: dict[str, Callable[..., nn.Module]] = {
@@ -250,6 +256,7 @@ ACT_LAYERS: dict[str, Callable[..., nn.Module]] = {
     "celu": _celu,
     "softplus": _softplus,
     "shifted_relu": _shifted_relu,
+    "gelu": _gelu,
 }
 
 
@@ -260,68 +267,124 @@ def make_act(cfg: ActConfig) -> Callable[..., nn.Module]:
     return partial(_lookup(ACT_LAYERS, cfg.kind, "act.kind"), cfg)
 
 
-def _patch_second_moment(images: Tensor, chunk: int = 64) -> Tensor:
-    """27 x 27 uncentred second-moment matrix X^T X / (n-1) of all stride-1 3x3 patches, in float64.
+@dataclass(frozen=True)
+class WhiteningVariant:
+    """How a fixed patch-whitening layer is made (``arch.whitening`` picks one of ``WHITENINGS``).
+
+    kernel   patch side: the filters are the eigenvectors of the kernel x kernel x 3 patches' second moment
+    negated  the filters are followed by their negations (airbench: 2 x 12 = 24 outputs, so that the
+             activation after it sees both signs of every whitened direction)
+    padding  of the conv (Page: 1, a 32x32 output; airbench: 0, 31x31)
+    images   how many training images the filters are fitted on (Page: 10,000; airbench: 5,000)
+    """
+
+    kernel: int
+    negated: bool
+    padding: int
+    images: int
+
+    @property
+    def patch_size(self) -> int:
+        return 3 * self.kernel * self.kernel
+
+    @property
+    def out_channels(self) -> int:
+        return self.patch_size * (2 if self.negated else 1)
+
+
+# Page's 3x3 (A3 8.7, new_dawn.py) and airbench's 2x2 with negations (sota-facts section 3, airbench94.py).
+WHITENINGS: dict[str, WhiteningVariant] = {
+    "page3x3": WhiteningVariant(kernel=3, negated=False, padding=1, images=10_000),
+    "airbench2x2": WhiteningVariant(kernel=2, negated=True, padding=0, images=5_000),
+}
+
+
+def whitening_variant(name: str) -> WhiteningVariant:
+    return _lookup(WHITENINGS, name, "arch.whitening")
+
+
+def _patch_second_moment(images: Tensor, kernel: int = 3, chunk: int = 64) -> Tensor:
+    """Uncentred second-moment matrix X^T X / (n-1) of all stride-1 kernel x kernel patches, in float64.
 
     Each chunk of images is multiplied in float32 (fp64 convolutions and matmuls run 32-64x slower on
     consumer GPUs) and the chunks are summed in float64, so the error stays that of one chunk's sum.
-    ``F.unfold`` orders a patch channel-major (c, dy, dx), the same order as a conv weight's (3, 3, 3).
+    ``F.unfold`` orders a patch channel-major (c, dy, dx), the same order as a conv weight's. airbench
+    divides by n instead of n - 1: over millions of patches the two differ by less than 1e-6.
     """
-    total = torch.zeros(WHITEN_CHANNELS, WHITEN_CHANNELS, dtype=torch.float64, device=images.device)
+    size = 3 * kernel * kernel
+    total = torch.zeros(size, size, dtype=torch.float64, device=images.device)
     count = 0
     for part in images.split(chunk):
-        x = F.unfold(part.float(), kernel_size=3)  # n x 27 x positions
+        x = F.unfold(part.float(), kernel_size=kernel)  # n x size x positions
         x = x.transpose(1, 2).reshape(-1, x.shape[1])
         total += (x.T @ x).double()
         count += x.shape[0]
     return total / (count - 1)
 
 
-def patch_whitening_filter(images: Tensor, eps: float) -> Tensor:
-    """Fixed 3x3 conv weight (27, 3, 3, 3) that whitens the 3x3 patches of ``images`` (B4, new_dawn.py).
+def patch_whitening_filter(images: Tensor, eps: float, kernel: int = 3) -> Tensor:
+    """Fixed conv weight (3k^2, 3, k, k) that whitens the k x k patches of ``images`` (B4, new_dawn.py;
+    airbench's with k = 2).
 
-    ``images`` are normalised N x 3 x H x W. Filter k is eigenvector k of the patches' uncentred second
-    moment divided by sqrt(lambda_k + eps), so the filtered patches have second moment
+    ``images`` are normalised N x 3 x H x W. Filter j is eigenvector j of the patches' uncentred second
+    moment divided by sqrt(lambda_j + eps), so the filtered patches have second moment
     diag(lambda / (lambda + eps)): about the identity, with eps damping the noisy small-eigenvalue directions.
-    Filters are ordered by decreasing eigenvalue, as in cifar10-fast. The 27 x 27 eigendecomposition
-    runs on the CPU, where it takes microseconds; on CUDA it would load cuSOLVER inside the timed region.
+    Filters are ordered by decreasing eigenvalue, as in cifar10-fast and airbench. The small
+    eigendecomposition runs on the CPU, where it takes microseconds; on CUDA it would load cuSOLVER
+    inside the timed region.
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"patch whitening expects N x 3 x H x W images, got shape {tuple(images.shape)}")
-    eigenvalues, eigenvectors = torch.linalg.eigh(_patch_second_moment(images).cpu())
+    eigenvalues, eigenvectors = torch.linalg.eigh(_patch_second_moment(images, kernel).cpu())
     filters = eigenvectors.T.flip(0) / torch.sqrt(eigenvalues.flip(0) + eps)[:, None]
-    return filters.reshape(WHITEN_CHANNELS, 3, 3, 3).to(torch.float32)
+    return filters.reshape(3 * kernel * kernel, 3, kernel, kernel).to(torch.float32)
 
 
 class Whitening(nn.Module):
-    """Fixed 3x3 conv 3 -> 27 (padding 1, no bias) whose filters whiten the input's patches (A3 8.7).
+    """Fixed patch-whitening conv 3 -> C (A3 8.7; airbench's first layer), the filters fitted from data.
 
     The weight is a buffer, not a parameter: it is never trained, not counted as trainable, and moves
-    with ``.to()`` and ``state_dict`` like any buffer. Call ``fit`` with (a sample of) the normalised
-    training images before training, as new_dawn.py does inside the timed region. Until then the layer
-    refuses to run: an unfitted whitening would silently train a different network.
+    with ``.to()`` and ``state_dict`` like any buffer. With ``bias`` a learnable bias (zero at the start)
+    follows, as airbench's first conv has; ``freeze_bias`` stops training it. Call ``fit`` with (a
+    sample of) the normalised training images before training, inside the timed region as both
+    new_dawn.py and airbench do. Until then the layer refuses to run: an unfitted whitening would
+    silently train a different network.
     """
 
-    def __init__(self, eps: float = 1e-2) -> None:
+    def __init__(self, eps: float = 1e-2, variant: WhiteningVariant = WHITENINGS["page3x3"],
+                 bias: bool = False) -> None:
         super().__init__()
         self.eps = eps
+        self.variant = variant
         self.fitted = False
-        self.register_buffer("weight", torch.zeros(WHITEN_CHANNELS, 3, 3, 3))
+        k = variant.kernel
+        self.register_buffer("weight", torch.zeros(variant.out_channels, 3, k, k))
+        self.register_parameter("bias", nn.Parameter(torch.zeros(variant.out_channels)) if bias else None)
 
     def extra_repr(self) -> str:
-        return f"3, {WHITEN_CHANNELS}, kernel_size=(3, 3), padding=1, eps={self.eps}, fitted={self.fitted}"
+        v = self.variant
+        return (f"3, {v.out_channels}, kernel_size=({v.kernel}, {v.kernel}), padding={v.padding}, eps={self.eps}, "
+                f"negated={v.negated}, bias={self.bias is not None}, fitted={self.fitted}")
 
     @torch.no_grad()
     def fit(self, images: Tensor) -> None:
-        filters = patch_whitening_filter(images.to(self.weight.device), self.eps)
+        filters = patch_whitening_filter(images.to(self.weight.device), self.eps, self.variant.kernel)
+        if self.variant.negated:
+            filters = torch.cat([filters, -filters])
         self.weight.copy_(filters.to(self.weight.device, self.weight.dtype), non_blocking=True)
         self.fitted = True
+
+    def freeze_bias(self, frozen: bool = True) -> None:
+        """Stop (or resume) training the bias: the optimisers skip a parameter without a gradient."""
+        if self.bias is not None:
+            self.bias.requires_grad_(not frozen)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.fitted:
             raise RuntimeError("Whitening layer used before fit(): fit it on the normalised training images "
                                "first (ablate.train.fit_whitening)")
-        return F.conv2d(x, self.weight.to(x.dtype), padding=1)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(x, self.weight.to(x.dtype), bias, padding=self.variant.padding)
 
 
 @contextmanager
@@ -339,6 +402,7 @@ def unfitted_allowed(model: nn.Module) -> Iterator[None]:
 
 
 __all__ = [
-    "ACT_LAYERS", "GhostBatchNorm", "NORM_LAYERS", "SCALE_INITS", "ShiftedReLU", "WHITEN_CHANNELS", "Whitening",
-    "make_act", "make_norm", "patch_whitening_filter", "unfitted_allowed",
+    "ACT_LAYERS", "GhostBatchNorm", "NORM_LAYERS", "SCALE_INITS", "ShiftedReLU", "WHITENINGS", "WHITEN_CHANNELS",
+    "Whitening", "WhiteningVariant", "make_act", "make_norm", "patch_whitening_filter", "unfitted_allowed",
+    "whitening_variant",
 ]

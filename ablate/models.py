@@ -13,13 +13,13 @@ import itertools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ablate.config import ActConfig, ArchConfig, NormConfig
-from ablate.layers import WHITEN_CHANNELS, Whitening, make_act, make_norm, unfitted_allowed
+from ablate.layers import Whitening, make_act, make_norm, unfitted_allowed, whitening_variant
 
 NormLayer = Callable[[int], nn.Module]
 ActLayer = Callable[..., nn.Module]  # act_layer(inplace=False)
@@ -40,11 +40,15 @@ class Block:
             preact    B1 PreActBlock(c_in -> out, stride)
             residual  x + [conv_bn -> conv_bn](x) at the input width (B3 Residual)
             extra     one more conv_bn at the input width (B3 Extra)
-            whiten    fixed patch whitening 3 -> 27, then conv_bn(27 -> out) (B4 prep)
+            whiten    fixed patch whitening (NetSpec.whitening; Page's: 3 -> 27), then conv_bn(-> out) (B4 prep)
+            whiten_act  fixed patch whitening with a learnable bias, then the activation, no norm
+                      (airbench's first layer; its width is the whitening's, 24 for 2x2 + negations)
     out     output channels at full width; 0 keeps the input width (norm_act, residual, extra)
-    kernel  conv kernel size (padding kernel // 2)
+    kernel  conv kernel size
     stride  conv stride
     pool    max-pool size after the conv (0: none); NetSpec.pool_before_norm places it before the norm
+    padding conv padding; None: kernel // 2 (a 'same' conv for odd kernels)
+    scaled  whether the width multiplier applies (False: a width fixed by the patch, as the whitening's)
     """
 
     kind: str
@@ -52,6 +56,8 @@ class Block:
     kernel: int = 3
     stride: int = 1
     pool: int = 0
+    padding: Optional[int] = None
+    scaled: bool = True
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,7 @@ class NetSpec:
     logit_scale: float = 1.0
     pool_before_norm: bool = False  # conv -> pool -> norm -> act in pooling conv_bn blocks (A3 8.2b)
     whiten_eps: float = 1e-2
+    whitening: str = "page3x3"  # the variant of every whitening layer: a key of ablate.layers.WHITENINGS
     preact_shortcut: str = "activated"  # identity shortcut adds act(norm(x)) ('activated') or x ('input'), E6
     input_scale: float = 1.0  # the input is multiplied by this first (Post 7 simple net: 1/sqrt(2)); 1: no layer
     norm: NormConfig = field(default_factory=NormConfig)
@@ -172,7 +179,8 @@ class _Ctx:
 
 
 def _conv(c_in: int, c_out: int, block: Block) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, block.kernel, block.stride, padding=block.kernel // 2, bias=False)
+    padding = block.kernel // 2 if block.padding is None else block.padding
+    return nn.Conv2d(c_in, c_out, block.kernel, block.stride, padding=padding, bias=False)
 
 
 def _build_conv(block: Block, c_in: int, c_out: int, ctx: _Ctx) -> nn.Module:
@@ -209,9 +217,18 @@ def _build_residual(block: Block, c_in: int, c_out: int, ctx: _Ctx) -> nn.Module
 
 
 def _build_whiten(block: Block, c_in: int, c_out: int, ctx: _Ctx) -> nn.Module:
-    # The whitening conv's 27 outputs are fixed by the 3x3x3 input patch, never by the width multiplier.
-    stem = _build_conv_bn(block, WHITEN_CHANNELS, c_out, ctx)
-    return nn.Sequential(OrderedDict([("whiten", Whitening(ctx.spec.whiten_eps)), *stem.named_children()]))
+    # The whitening conv's outputs are fixed by the input patch (27 for 3x3x3), never by the width multiplier.
+    variant = whitening_variant(ctx.spec.whitening)
+    stem = _build_conv_bn(block, variant.out_channels, c_out, ctx)
+    whiten = Whitening(ctx.spec.whiten_eps, variant)
+    return nn.Sequential(OrderedDict([("whiten", whiten), *stem.named_children()]))
+
+
+def _build_whiten_act(block: Block, c_in: int, c_out: int, ctx: _Ctx) -> nn.Module:
+    # airbench: no norm after the whitening (the zoo's step 1 drops it); its learnable bias is what the
+    # norm's bias was, and the activation sees the whitened patches directly.
+    whiten = Whitening(ctx.spec.whiten_eps, whitening_variant(ctx.spec.whitening), bias=True)
+    return nn.Sequential(OrderedDict([("whiten", whiten), ("act", ctx.act())]))
 
 
 BLOCK_BUILDERS: dict[str, Callable[[Block, int, int, _Ctx], nn.Module]] = {
@@ -222,6 +239,7 @@ BLOCK_BUILDERS: dict[str, Callable[[Block, int, int, _Ctx], nn.Module]] = {
     "residual": _build_residual,
     "extra": _build_conv_bn,
     "whiten": _build_whiten,
+    "whiten_act": _build_whiten_act,
 }
 
 
@@ -236,6 +254,16 @@ def _lookup(registry: dict, key: str, what: str) -> Any:
         raise ValueError(f"unknown {what} {key!r}; choose one of {', '.join(registry)}") from None
 
 
+def _out_channels(block: Block, channels: int, spec: NetSpec, width_mult: float) -> int:
+    """A block's output width: the whitening's own for ``whiten_act``, else ``out`` (scaled unless the
+    block says not), else the input width."""
+    if block.kind == "whiten_act":
+        return whitening_variant(spec.whitening).out_channels
+    if not block.out:
+        return channels
+    return _scaled(block.out, width_mult) if block.scaled else block.out
+
+
 def build_model(spec: NetSpec, norm_layer: NormLayer, act_layer: ActLayer, width_mult: float = 1.0) -> nn.Module:
     """Build ``spec`` with the injected layers; every channel width is multiplied by ``width_mult``."""
     if width_mult <= 0:
@@ -246,7 +274,7 @@ def build_model(spec: NetSpec, norm_layer: NormLayer, act_layer: ActLayer, width
         layers["input_scale"] = Mul(spec.input_scale)
     channels = 3
     for name, block in spec.blocks:
-        c_out = _scaled(block.out, width_mult) if block.out else channels
+        c_out = _out_channels(block, channels, spec, width_mult)
         layers[name] = _lookup(BLOCK_BUILDERS, block.kind, "block kind")(block, channels, c_out, ctx)
         channels = c_out
     pool = _lookup(HEAD_POOLS, spec.head, "head")()
@@ -268,29 +296,47 @@ def build_published(name: str, width_mult: float = 1.0) -> nn.Module:
 # Spec edits from the config
 
 
-def _stem_conv(block: Block) -> Block:
-    return Block("conv_bn", block.out) if block.kind == "whiten" else block
+def _stem_conv(block: Block, spec: NetSpec) -> Block:
+    if block.kind == "whiten":
+        return Block("conv_bn", block.out)
+    if block.kind == "whiten_act":
+        # airbench's base (cifar10-zoo main0): a learned conv of the whitening's shape (2x2, 3 -> 24, no
+        # padding), whose BN supplies the bias; its width stays the whitening's at every scale.
+        variant = whitening_variant(spec.whitening)
+        return Block("conv_bn", variant.out_channels, kernel=variant.kernel, padding=variant.padding, scaled=False)
+    return block
 
 
-def _stem_whiten(block: Block) -> Block:
+def _stem_whiten(block: Block, spec: NetSpec) -> Block:
     return Block("whiten", block.out, kernel=1) if block.kind in ("conv", "conv_bn") else block
 
 
-STEMS: dict[str, Callable[[Block], Block]] = {"conv": _stem_conv, "whiten": _stem_whiten}
-_SPEC_FIELDS = ("pool_before_norm", "logit_scale", "whiten_eps", "preact_shortcut")
+def _stem_whiten_act(block: Block, spec: NetSpec) -> Block:
+    return Block("whiten_act") if block.kind in ("conv", "conv_bn", "whiten") else block
+
+
+STEMS: dict[str, Callable[[Block, NetSpec], Block]] = {"conv": _stem_conv, "whiten": _stem_whiten,
+                                                       "whiten_act": _stem_whiten_act}
+_SPEC_FIELDS = ("pool_before_norm", "logit_scale", "whiten_eps", "whitening", "preact_shortcut")
+
+
+def with_stem(spec: NetSpec, stem: str) -> NetSpec:
+    """``spec`` with its first block turned into the ``stem`` kind (a key of STEMS)."""
+    (prep_name, prep), *rest = spec.blocks
+    return dataclasses.replace(spec, blocks=((prep_name, _lookup(STEMS, stem, "arch.stem")(prep, spec)), *rest))
 
 
 def customise(spec: NetSpec, arch: ArchConfig) -> NetSpec:
     """``spec`` with the ArchConfig fields that are not None applied (the width is build_model's job).
 
-    ``stem='conv'`` turns a whitening prep into conv_bn(3 -> out); ``stem='whiten'`` turns a prep conv into
-    whitening -> conv_bn 1x1 (27 -> out). The stem is always the first block.
+    ``stem='conv'`` turns a whitening prep into a learned conv_bn (3x3 for Page's, the whitening's shape
+    for airbench's); ``stem='whiten'`` turns a prep conv into whitening -> conv_bn 1x1 (Page's);
+    ``stem='whiten_act'`` into whitening + bias -> activation (airbench's). The stem is always the first
+    block. ``whitening`` picks the variant of every whitening layer (ablate.layers.WHITENINGS).
     """
-    changes = {key: getattr(arch, key) for key in _SPEC_FIELDS if getattr(arch, key) is not None}
-    if arch.stem is not None:
-        (prep_name, prep), *rest = spec.blocks
-        changes["blocks"] = ((prep_name, _lookup(STEMS, arch.stem, "arch.stem")(prep)), *rest)
-    return dataclasses.replace(spec, **changes)
+    changes = {key: getattr(arch, key) for key in _SPEC_FIELDS if getattr(arch, key, None) is not None}
+    spec = dataclasses.replace(spec, **changes)
+    return spec if arch.stem is None else with_stem(spec, arch.stem)
 
 
 def init_he(model: nn.Module) -> nn.Module:
@@ -302,7 +348,34 @@ def init_he(model: nn.Module) -> nn.Module:
     return model
 
 
-INITS: dict[str, Callable[[nn.Module], nn.Module]] = {"default": lambda model: model, "he": init_he}
+def init_dirac(model: nn.Module) -> nn.Module:
+    """airbench's partial identity (sota-facts section 3): after PyTorch's own init, the first C_in output
+    filters of every conv are the identity (torch's dirac_), so each conv starts by passing its input
+    through on those channels: a residual path without a skip connection. The fixed whitening is not an
+    nn.Conv2d and keeps its fitted filters."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.dirac_(m.weight[:m.weight.shape[1]])
+    return model
+
+
+def _head_linear(model: nn.Module) -> nn.Linear:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+def init_dirac_unit_head(model: nn.Module) -> nn.Module:
+    """``init_dirac``, and the classifier's weight rescaled to unit standard deviation
+    (airbench94_muon's ``reset``, paired with its logits divided by 256 instead of x 1/9)."""
+    init_dirac(model)
+    head = _head_linear(model)
+    with torch.no_grad():
+        head.weight /= head.weight.std()
+    return model
+
+
+INITS: dict[str, Callable[[nn.Module], nn.Module]] = {"default": lambda model: model, "he": init_he,
+                                                      "dirac": init_dirac, "dirac_unit_head": init_dirac_unit_head}
 
 
 def initialise(model: nn.Module, init: str) -> nn.Module:
@@ -340,6 +413,14 @@ def scale_invariant_weights(model: nn.Module) -> dict[str, nn.Parameter]:
 def count_params(model: nn.Module) -> int:
     """Trainable parameters (frozen BN scales and the fixed whitening filter excluded)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def count_weights(model: nn.Module) -> int:
+    """Trainable parameters plus the fixed whitening filters: what airbench counts (1,971,640 for
+    airbench94, cifar10-zoo README): every conv and linear weight, the BN biases, the whitening bias and
+    its filter, which is fitted from data. Frozen BN scales and biases are constants (1 and 0) and stay
+    out, as in ``count_params``."""
+    return count_params(model) + sum(m.weight.numel() for m in model.modules() if isinstance(m, Whitening))
 
 
 # Layers whose multiply-accumulates are counted. For each, one output element costs weight[0].numel()
@@ -466,6 +547,38 @@ def _simple() -> NetSpec:
                    description="Post 7 / batch-norm study 'simple' net, BN affine frozen")
 
 
+AIRBENCH_WIDTHS = (64, 256, 256)  # sota-facts section 3: hlb-CIFAR10's widths with the last block 512 -> 256
+
+
+def _airbench(name: str, description: str, logit_scale: float = 1 / 9) -> NetSpec:
+    """airbench94's network (sota-facts section 3, cifar10-airbench legacy/airbench94.py): a fixed 2x2
+    whitening 3 -> 24 with a learnable bias, GELU; three ConvGroups (conv -> max-pool 2 -> BN -> GELU ->
+    conv -> BN -> GELU, no residuals) at 64/256/256; max-pool over the final 3x3 map (nn.MaxPool2d(3)
+    there, the global max here: the same on a 3x3 map); Linear 256 -> 10 without bias; logits x 1/9.
+    BN as published: scales frozen at 1, eps 1e-12, PyTorch momentum 0.4 (airbench's 0.6)."""
+    blocks = [("stem", Block("whiten_act"))]
+    for k, width in enumerate(AIRBENCH_WIDTHS, 1):
+        blocks += [(f"layer{k}", Block("conv_bn", width, pool=2)), (f"layer{k}_extra", Block("extra"))]
+    return NetSpec(name, tuple(blocks), head="max", fc_bias=False, logit_scale=logit_scale, pool_before_norm=True,
+                   whitening="airbench2x2", whiten_eps=5e-4,
+                   norm=NormConfig(frozen_scale=True, momentum=0.4, eps=1e-12), act=ActConfig(kind="gelu"),
+                   description=description)
+
+
+def _airbench_nets() -> list[NetSpec]:
+    final = _airbench("airbench94", "step 9_1 on / airbench94 (2x2 whitening + negations, GELU, 64/256/256)")
+    # The zoo's main0_network.py of 2024-03-01, whose 34 epochs its README table gives: the whitening's
+    # place taken by a learned conv of its shape followed by BN (momentum 0.1 in PyTorch's sense, the zoo's
+    # 0.9), whose 24 biases stand in for the whitening bias, so the count is the same 1,971,640.
+    base = dataclasses.replace(with_stem(final, "conv"), name="airbench94_base",
+                               norm=NormConfig(frozen_scale=True, momentum=0.1, eps=1e-12),
+                               description="step 9_0 / airbench base: learned 2x2 conv 3->24 + BN stem")
+    # airbench94_muon.py: the same layers; logits / 256 (its head divides by the feature count) after a
+    # unit-std head init (arch.init=dirac_unit_head).
+    muon = _airbench("airbench94_muon", "step 10 / airbench94_muon (logits / 256)", logit_scale=1 / 256)
+    return [base, final, muon]
+
+
 def _registry() -> dict[str, NetSpec]:
     nets = [
         _preact18("preact18_repeat", True, "step 0 / B1 pre-act ResNet-18, repeated BN-ReLU"),
@@ -486,12 +599,12 @@ def _registry() -> dict[str, NetSpec]:
     registry["resnet9"] = resnet9
     registry["backbone_2x"] = _backbone("backbone_2x", "A2 4.8 / backbone at 2x width",
                                         widths=tuple(2 * w for w in B3_WIDTHS))
-    (_, prep), *rest = resnet9.blocks
     registry["resnet9_final"] = dataclasses.replace(
-        resnet9, name="resnet9_final", blocks=(("prep", _stem_whiten(prep)), *rest),
+        with_stem(resnet9, "whiten"), name="resnet9_final",
         pool_before_norm=True, logit_scale=1 / 16, whiten_eps=1e-2,
         norm=NormConfig(kind="ghost", splits=16, frozen_scale=True), act=ActConfig(kind="celu", alpha=0.3),
         description="step 8_7 on / Post 8 final (B4)")
+    registry.update({spec.name: spec for spec in _airbench_nets()})
     return registry
 
 
@@ -503,17 +616,25 @@ REGISTRY: dict[str, NetSpec] = _registry()
 
 
 def main() -> None:
-    """Print every registered network at full scale: trainable parameters, forward MACs, description."""
+    """Print every registered network at full scale: its weights (``count_weights``: trainable parameters
+    and fixed whitening filters), the trainable parameters alone, forward MACs, description."""
     rows = []
     for name in REGISTRY:
         model = build_published(name)
-        rows.append((name, f"{count_params(model):,}", f"{count_macs(model) / 1e6:.1f}", REGISTRY[name].description))
-    header = ("network", "params", "MACs (M)", "description")
+        rows.append((name, f"{count_weights(model):,}", f"{count_params(model):,}", f"{count_macs(model) / 1e6:.1f}",
+                     REGISTRY[name].description))
+    header = ("network", "params", "trainable", "MACs (M)", "description")
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    print(f"{header[0]:<{widths[0]}}  {header[1]:>{widths[1]}}  {header[2]:>{widths[2]}}  {header[3]}")
+
+    def line(cells: tuple[str, ...]) -> str:
+        name, *numbers, description = cells
+        return "  ".join([f"{name:<{widths[0]}}", *(f"{n:>{w}}" for n, w in zip(numbers, widths[1:])), description])
+
+    print(line(header))
     print("  ".join("-" * w for w in widths))
-    for name, params, macs, description in rows:
-        print(f"{name:<{widths[0]}}  {params:>{widths[1]}}  {macs:>{widths[2]}}  {description}")
+    for row in rows:
+        print(line(row))
+    print("(params: every weight, the fixed whitening filters included; trainable: what the optimiser updates)")
 
 if __name__ == "__main__":
     main()

@@ -12,8 +12,9 @@ import copy
 import logging
 import math
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,18 +26,19 @@ from ablate.device import (Precision, autocast, cpu_facts, device_name, keep_cpu
                            resolve_channels_last, resolve_device, resolve_precision, set_math_flags, sync,
                            to_memory_format)
 from ablate.layers import Whitening, make_act, make_norm, unfitted_allowed
-from ablate.config import LossConfig
-from ablate.models import (REGISTRY, build_model, count_macs, count_params, customise, initialise,
+from ablate.config import EMAConfig, LossConfig, batch_size_of
+from ablate.models import (REGISTRY, build_model, count_macs, count_params, count_weights, customise, initialise,
                            scale_invariant_weights)
-from ablate.optim import (lars_rescale_, make_optimizer, piecewise_linear, schedule_knots, schedule_lrs,
-                          set_lr, training_epochs)
+from ablate.optim import (lars_rescale_, lr_position, make_optimizer, piecewise_linear, schedule_knots,
+                          schedule_lrs, set_lr, time_factor, training_epochs)
 
 log = logging.getLogger(__name__)
 
 # new_dawn.py fits the whitening on the first 10k training images in CIFAR-10's own order, which
-# mixes the classes. A class-sorted copy (any ImageFolder tree) would give 5,000 airplanes and 5,000
-# automobiles, so the fit takes a random sample of 10k instead, fixed by WHITENING_SEED for every
-# run, loader and source, as new_dawn.py's first 10k are the same for every run.
+# mixes the classes (airbench: the first 5k). A class-sorted copy (any ImageFolder tree) would give
+# 5,000 airplanes and 5,000 automobiles, so the fit takes a random sample of that size instead
+# (WhiteningVariant.images), fixed by WHITENING_SEED for every run, loader and source, as the first
+# 10k (5k) are the same for every run.
 WHITENING_IMAGES = 10_000
 WHITENING_SEED = 0
 EVAL_BATCH = 1024
@@ -76,11 +78,24 @@ def loss_fn(cfg: LossConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Ten
     return loss
 
 
-def predict(model: nn.Module, x: torch.Tensor, tta_flip: bool) -> torch.Tensor:
-    """Logits, averaged over the image and its mirror image when flip TTA is on (A3 8.9)."""
+def _mirror_average(model: nn.Module, x: torch.Tensor, tta_flip: bool) -> torch.Tensor:
     logits = model(x).float()
     if tta_flip:
         logits = (logits + model(x.flip(3)).float()) / 2
+    return logits
+
+
+def predict(model: nn.Module, x: torch.Tensor, tta_flip: bool, translate: int = 0) -> torch.Tensor:
+    """Logits, averaged over the image and its mirror image when flip TTA is on (A3 8.9). With
+    ``translate`` t, airbench's multi-crop TTA (tta_level 2): that average weighs 1/2, and the same
+    average over the image shifted by (-t, -t) and by (+t, +t) (reflect padding) 1/4 each: 6 views
+    with flip, weights 1/4, 1/4 and 1/8 x 4."""
+    logits = _mirror_average(model, x, tta_flip)
+    if translate:
+        size, t = x.shape[-1], translate
+        padded = F.pad(x, (t, t, t, t), mode="reflect")
+        shifted = [padded[..., :size, :size], padded[..., 2 * t:2 * t + size, 2 * t:2 * t + size]]
+        logits = 0.5 * logits + 0.25 * sum(_mirror_average(model, v, tta_flip) for v in shifted)
     return logits
 
 
@@ -143,9 +158,55 @@ class EMA:
                     torch._foreach_lerp_(avg, src, 1.0 - self.decay)
 
 
+class Lookahead:
+    """airbench94's lookahead (sota-facts section 3, legacy/airbench94.py): after every ``every``-th step
+    s of the run (counted over the whole run, from 1) the average moves towards the live weights with
+    decay momentum**every * (s / total)**power, and the live weights are reset to it; after the last step
+    they are set to the average. So the average barely lags at first and smooths hard at the end. It
+    covers every floating-point tensor of the state (BN statistics included), as airbench's does.
+    ``model`` is the live network, which is also the one evaluated.
+
+    The cifar10-zoo ablation scripts start the average only after epoch 3 and reset the live weights
+    to it at every epoch's end; airbench94 itself, which step 9 must be, averages from the first step
+    and resets once at the end. ablate runs airbench94's rule everywhere.
+    """
+
+    def __init__(self, model: nn.Module, momentum: float, every: int, power: float, total_steps: int) -> None:
+        self.model = model
+        self.decay = momentum ** every
+        self.every, self.power, self.total = every, power, max(total_steps, 1)
+        self.steps = 0
+        live = [v for v in model.state_dict().values() if v.is_floating_point()]
+        self._pairs = [(v.detach().clone(), v) for v in live]
+
+    @torch.no_grad()
+    def _pull(self, decay: float) -> None:
+        for avg, live in self._pairs:
+            avg.lerp_(live, 1.0 - decay)
+            live.copy_(avg)
+
+    def maybe_update(self, step_in_epoch: int) -> None:
+        self.steps += 1
+        if self.steps % self.every == 0:
+            self._pull(self.decay * (self.steps / self.total) ** self.power)
+        if self.steps == self.total:
+            self._pull(1.0)  # the average unchanged, the live weights set to it
+
+
+AVERAGERS: dict[str, Callable[[EMAConfig, nn.Module, int], "EMA | Lookahead"]] = {
+    "ema": lambda cfg, model, total: EMA(model, cfg.momentum, cfg.every),
+    "lookahead": lambda cfg, model, total: Lookahead(model, cfg.momentum, cfg.every, cfg.power, total),
+}
+
+
+def make_averager(cfg: EMAConfig, model: nn.Module, total_steps: int) -> EMA | Lookahead | None:
+    """The configured weight averaging (``ema.kind``), or None when ``ema.enabled`` is off."""
+    return AVERAGERS[cfg.kind](cfg, model, total_steps) if cfg.enabled else None
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tta_flip: bool,
-             channels_last: bool, autocast_dtype: torch.dtype | None) -> tuple[float, float]:
+             channels_last: bool, autocast_dtype: torch.dtype | None, translate: int = 0) -> tuple[float, float]:
     """Test loss (mean cross-entropy) and accuracy (percent) over the whole test set."""
     was_training = model.training
     model.eval()
@@ -153,7 +214,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tta_flip: bool,
     for i in range(0, len(x), EVAL_BATCH):
         xb, yb = to_memory_format(x[i:i + EVAL_BATCH], channels_last), y[i:i + EVAL_BATCH]
         with autocast(x.device, autocast_dtype):
-            logits = predict(model, xb, tta_flip)
+            logits = predict(model, xb, tta_flip, translate)
         loss += F.cross_entropy(logits, yb, reduction="sum")
         correct += (logits.argmax(1) == yb).sum()
     model.train(was_training)
@@ -177,11 +238,56 @@ def whitening_sample(n_images: int, size: int = WHITENING_IMAGES, seed: int = WH
 
 def fit_whitening(model: nn.Module, images: data.Images, device: torch.device) -> None:
     """Fit every whitening layer on the normalised ``whitening_sample`` of the training images."""
-    layers = [m for m in model.modules() if isinstance(m, Whitening)]
-    if layers:
-        sample = data.normalise(images.train_x[whitening_sample(len(images.train_x))].to(device))
+    for m in model.modules():
+        if isinstance(m, Whitening):
+            sample = whitening_sample(len(images.train_x), m.variant.images)
+            m.fit(data.normalise(images.train_x[sample].to(device)))
+
+
+def _biased_whitenings(model: nn.Module) -> list[Whitening]:
+    return [m for m in model.modules() if isinstance(m, Whitening) and m.bias is not None]
+
+
+@contextmanager
+def whitening_bias_frozen(model: nn.Module) -> Iterator[None]:
+    """The model with its whitening biases frozen inside the block (the warm-up's second state)."""
+    layers = _biased_whitenings(model)
+    for m in layers:
+        m.freeze_bias(True)
+    try:
+        yield
+    finally:
         for m in layers:
-            m.fit(sample)
+            m.freeze_bias(False)
+
+
+def whitening_bias_freeze(model: nn.Module, after_epochs: float) -> Callable[[int], None]:
+    """An epoch hook: the whitening biases train while epoch < ``after_epochs`` and are frozen from then
+    on (airbench94: ``bias.requires_grad = epoch < 3`` at each epoch's start)."""
+    layers = _biased_whitenings(model)
+
+    def hook(epoch: int) -> None:
+        for m in layers:
+            m.freeze_bias(epoch >= after_epochs)
+    return hook
+
+
+def epoch_hooks(cfg, model: nn.Module) -> list[Callable[[int], None]]:
+    """What changes the model at an epoch's start, from the config: called with the epoch index."""
+    hooks = []
+    if cfg.optim.whiten_bias_epochs is not None:
+        factor = time_factor(cfg.schedule, cfg.scale.epochs)
+        hooks.append(whitening_bias_freeze(model, cfg.optim.whiten_bias_epochs * factor))
+    return hooks
+
+
+def warm_up_states(cfg) -> list[Callable[[nn.Module], ContextManager]]:
+    """The model states the training steps will meet, each a different graph for torch.compile: as built,
+    and with the whitening bias frozen when the run freezes it (airbench compiles both for the same reason)."""
+    states: list[Callable[[nn.Module], ContextManager]] = [lambda model: nullcontext()]
+    if cfg.optim.whiten_bias_epochs is not None:
+        states.append(whitening_bias_frozen)
+    return states
 
 
 def batch_shapes(n: int, batch_size: int, drop_last: bool) -> list[int]:
@@ -193,43 +299,73 @@ def batch_shapes(n: int, batch_size: int, drop_last: bool) -> list[int]:
 
 
 def _warm_up(model: nn.Module, train_model: nn.Module, train_sizes: list[int], eval_sizes: list[int],
-             device: torch.device, precision: Precision, channels_last: bool, tta_flip: bool) -> float:
+             device: torch.device, precision: Precision, channels_last: bool, tta_flip: bool, translate: int = 0,
+             states: list[Callable[[nn.Module], ContextManager]] | None = None) -> float:
     """Run every batch shape of the run once on random data before the timer: each training batch
-    size forward and backward through ``train_model`` (a compiled model recompiles for a new shape;
-    cuDNN autotunes each), and each evaluation batch size through ``model`` as evaluation runs it. The
-    model's state (weights, BN statistics, a whitening layer's filter) is restored afterwards, and
-    the global RNG is not touched."""
+    size forward and backward through ``train_model`` in each of the model ``states`` (a compiled model
+    recompiles for a new shape or a newly frozen parameter; cuDNN autotunes each), and each evaluation
+    batch size through ``model`` as evaluation runs it. The model's state (weights, BN statistics, a
+    whitening layer's filter) is restored afterwards, also when a pass fails, and the global RNG is not
+    touched."""
     state = copy.deepcopy(model.state_dict())
     g = torch.Generator(device=device).manual_seed(0)
     start = time.perf_counter()
-    with unfitted_allowed(model):
-        for n in train_sizes:
-            x = torch.randn(n, 3, 32, 32, device=device, dtype=precision.param_dtype, generator=g)
-            y = torch.randint(0, 10, (n,), device=device, generator=g)
-            with autocast(device, precision.autocast):
-                loss_fn(LossConfig())(train_model(to_memory_format(x, channels_last)), y).backward()
-        model.eval()
-        with torch.no_grad():
-            for n in eval_sizes:
-                x = torch.randn(n, 3, 32, 32, device=device, dtype=precision.param_dtype, generator=g)
-                with autocast(device, precision.autocast):
-                    predict(model, to_memory_format(x, channels_last), tta_flip)
+    try:
+        with unfitted_allowed(model):
+            for in_state in states or [lambda m: nullcontext()]:
+                with in_state(model):
+                    for n in train_sizes:
+                        x = torch.randn(n, 3, 32, 32, device=device, dtype=precision.param_dtype, generator=g)
+                        y = torch.randint(0, 10, (n,), device=device, generator=g)
+                        with autocast(device, precision.autocast):
+                            loss_fn(LossConfig())(train_model(to_memory_format(x, channels_last)), y).backward()
+            model.eval()
+            with torch.no_grad():
+                for n in eval_sizes:
+                    x = torch.randn(n, 3, 32, 32, device=device, dtype=precision.param_dtype, generator=g)
+                    with autocast(device, precision.autocast):
+                        predict(model, to_memory_format(x, channels_last), tta_flip, translate)
+    finally:
         model.train()
-    sync(device)
-    model.zero_grad(set_to_none=True)
-    model.load_state_dict(state)
+        sync(device)
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(state)
     return time.perf_counter() - start
 
 
-def _batches(cfg, images: data.Images, device: torch.device, dtype: torch.dtype,
-             generator: torch.Generator) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-    """Preprocess the training set for the configured loader; return a factory of epoch iterators."""
+def compile_and_warm_up(cfg, model: nn.Module, warm: Callable[[nn.Module], float]) -> tuple[nn.Module, dict]:
+    """``torch.compile`` the model and warm it up (``warm(train_model)`` runs ``_warm_up``); where
+    compiling fails (no compiler toolchain, an unsupported op on this device), train eagerly instead
+    and say so: the record's ``compiled`` is what actually ran, ``compile_error`` why not."""
+    if not cfg.compile:
+        return model, dict(compiled=False)
+    try:
+        compiled = torch.compile(model)
+        seconds = warm(compiled)
+        return compiled, dict(compiled=True, compile_seconds=round(seconds, 3))
+    except Exception as err:  # torch.compile fails in many ways (dynamo, inductor, the C compiler)
+        log.warning("torch.compile failed on this device (%s: %s); training uncompiled", type(err).__name__,
+                    str(err).splitlines()[0] if str(err) else "")
+        from torch import _dynamo
+
+        _dynamo.reset()  # drop what the failed attempt cached
+        return model, dict(compiled=False, compile_seconds=None,
+                           compile_error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+
+
+def _batches(cfg, images: data.Images, device: torch.device, dtype: torch.dtype, generator: torch.Generator,
+             batch_size: int | None = None) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """Preprocess the training set for the configured loader; return a factory of epoch iterators of
+    ``batch_size`` batches (``cfg.batch_size`` unless given)."""
+    batch_size = batch_size or cfg.batch_size
     if cfg.loader.kind == "device":
         x, y = resident_training_set(images, cfg.augmentation.crop_pad, device, dtype)
-        return lambda: augment.device_epoch(x, y, cfg.augmentation, cfg.batch_size, cfg.loader.drop_last,
-                                            generator, cfg.loader.max_options)
+        flips = augment.AlternatingFlips(len(x), generator) if cfg.augmentation.alternating_flip else None
+        return lambda: augment.device_epoch(x, y, cfg.augmentation, batch_size, cfg.loader.drop_last,
+                                            generator, cfg.loader.max_options,
+                                            flips=flips.next_epoch() if flips else None)
     dataset = augment.PerImageDataset(images.train_x, images.train_y, cfg.augmentation, cfg.loader)
-    loader = augment.make_loader(dataset, cfg.batch_size, cfg.loader, generator,
+    loader = augment.make_loader(dataset, batch_size, cfg.loader, generator,
                                  pin_memory=device.type == "cuda")
 
     def epoch() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -259,9 +395,11 @@ class TrainStep:
     ema: EMA | None = None
     monitor: WeightMonitor | None = None
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, step_in_epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Train on one batch at blog-units LR ``lr``; return the summed loss and the logits."""
-        set_lr(self.optimizer, lr, self.batch_size)
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, step_in_epoch: int,
+                 position: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train on one batch at the scheduled LR ``lr`` (``position``: the step's fractional epoch, for
+        groups with a schedule of their own); return the summed loss and the logits."""
+        set_lr(self.optimizer, lr, self.batch_size, position)
         with autocast(x.device, self.precision.autocast):
             logits = self.forward(to_memory_format(x, self.channels_last))
             loss = self.criterion(logits, y)
@@ -312,39 +450,52 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
         facts.update(keep_cpu_memory(), torch_threads=torch.get_num_threads(), **cpu_facts())
 
     images = data.take_subset(data.load_images(cfg.data), cfg.scale)  # disk and cache: not timed
+    # A batch larger than the (smoke) training subset is the whole subset: a class-balanced 1,024 can be 1,020.
+    batch = min(batch_size_of(cfg), len(images.train_y))
     model = build_network(cfg, precision, device)
     info = dict(precision_used=precision.name, channels_last=channels_last, device=device_name(device),
-                params=count_params(model), macs=count_macs(copy.deepcopy(model).float()),
+                params=count_params(model), weights=count_weights(model),
+                macs=count_macs(copy.deepcopy(model).float()),
                 data_source=images.source, train_images=len(images.train_y), test_images=len(images.test_y),
-                **facts)
-    train_model = torch.compile(model) if cfg.compile else model
+                **({"batch_size_used": batch} if batch != cfg.batch_size else {}), **facts)
     n_train, n_test = len(images.train_y), len(images.test_y)
-    warm = _warm_up(model, train_model, batch_shapes(n_train, cfg.batch_size, cfg.loader.drop_last),
-                    batch_shapes(n_test, EVAL_BATCH, drop_last=False), device, precision, channels_last,
-                    cfg.tta.flip) if cfg.compile or device.type == "cuda" else 0.0
-    info.update(compile_seconds=round(warm, 3) if cfg.compile else None,
-                warmup_seconds=round(warm, 3) if not cfg.compile else None)
+
+    def warm(train_model: nn.Module) -> float:
+        return _warm_up(model, train_model, batch_shapes(n_train, batch, cfg.loader.drop_last),
+                        batch_shapes(n_test, EVAL_BATCH, drop_last=False), device, precision, channels_last,
+                        cfg.tta.flip, cfg.tta.translate, warm_up_states(cfg))
+
+    train_model, compiled = compile_and_warm_up(cfg, model, warm)
+    info.update(compiled)
+    warmup = round(warm(model), 3) if device.type == "cuda" and not compiled["compiled"] else 0.0
+    info.update(compile_seconds=compiled.get("compile_seconds"), warmup_seconds=None if compiled["compiled"] else warmup)
     on_start(info)
 
     sync(device)
     start = time.perf_counter()
-    epoch_batches = _batches(cfg, images, device, precision.param_dtype, generator)
+    epoch_batches = _batches(cfg, images, device, precision.param_dtype, generator, batch)
     test_x = data.normalise(images.test_x.to(device)).to(precision.param_dtype)
     test_y = images.test_y.to(device)
-    fit_whitening(model, images, device)  # inside the timed region, as in new_dawn.py
+    fit_whitening(model, images, device)  # inside the timed region, as in new_dawn.py and airbench
     sync(device)
     prep_seconds = time.perf_counter() - start
 
-    ema = EMA(model, cfg.ema.momentum, cfg.ema.every) if cfg.ema.enabled else None
+    n_steps = steps_per_epoch(n_train, batch, cfg.loader.drop_last)
+    epochs = training_epochs(cfg.schedule, cfg.scale.epochs)
+    total_steps = math.ceil(round(n_steps * epochs, 6))  # a fractional last epoch stops part-way (airbench)
+    ema = make_averager(cfg.ema, model, total_steps)
     monitor = _weight_monitor(model) if cfg.monitor.weights else None
-    step = TrainStep(model, train_model, make_optimizer(model, cfg.optim, cfg.batch_size), loss_fn(cfg.loss),
-                     precision, channels_last, cfg.batch_size, ema, monitor)
+    optimizer = make_optimizer(model, cfg.optim, batch, lr_base=max(schedule_lrs(cfg.schedule)),
+                               epoch_scale=time_factor(cfg.schedule, cfg.scale.epochs))
+    step = TrainStep(model, train_model, optimizer, loss_fn(cfg.loss), precision, channels_last, batch, ema, monitor)
     knots = schedule_knots(cfg.schedule, cfg.scale.epochs)
     lr_at = piecewise_linear(knots, schedule_lrs(cfg.schedule))
-    n_steps = steps_per_epoch(len(images.train_y), cfg.batch_size, cfg.loader.drop_last)
-    train_seconds, eval_seconds, results = prep_seconds, 0.0, {}
+    hooks = epoch_hooks(cfg, model)
+    train_seconds, eval_seconds, results, done = prep_seconds, 0.0, {}, 0
     first_step_at = None  # wall clock after the first optimiser step, for start-up benchmarks
-    for epoch in range(math.ceil(training_epochs(cfg.schedule, cfg.scale.epochs))):
+    for epoch in range(math.ceil(epochs)):
+        for hook in hooks:
+            hook(epoch)
         sync(device)
         epoch_start = time.perf_counter()
         usage_start = process_usage()
@@ -355,9 +506,14 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
         bar = tqdm(epoch_batches(), total=n_steps, desc=f"epoch {epoch + 1}", leave=False,
                    disable=None if cfg.progress else True, dynamic_ncols=True)
         for i, (x, y) in enumerate(bar):
-            # The LR at the end of this step's share of the epoch, as the 2019 code counts steps.
-            lr = lr_at(epoch + (i + 1) / n_steps)
-            loss, logits = step(x, y, lr, i)
+            if done >= total_steps:
+                break
+            # The LR at the end of this step's share of the epoch, as the 2019 code counts steps (or at
+            # its start, schedule.step_at=start, as airbench's LambdaLR does).
+            position = lr_position(epoch, i, n_steps, cfg.schedule.step_at)
+            lr = lr_at(position)
+            loss, logits = step(x, y, lr, i, position)
+            done += 1
             if first_step_at is None:
                 sync(device)
                 first_step_at = time.time()
@@ -373,19 +529,23 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
 
         eval_start = time.perf_counter()
         test_loss, test_acc = evaluate(ema.model if ema else model, test_x, test_y, cfg.tta.flip,
-                                       channels_last, precision.autocast)
+                                       channels_last, precision.autocast, cfg.tta.translate)
         sync(device)
-        eval_seconds += time.perf_counter() - eval_start
+        epoch_eval_seconds = time.perf_counter() - eval_start
+        eval_seconds += epoch_eval_seconds
         train_loss = loss_sum.item() / max(seen, 1)
         row = dict(epoch=epoch + 1, lr=lr, train_loss=train_loss, train_acc=100.0 * correct.item() / max(seen, 1),
                    test_loss=test_loss, test_acc=test_acc, epoch_seconds=epoch_seconds,
                    train_seconds=train_seconds, eval_seconds=eval_seconds,
+                   # this epoch's evaluation alone: the final pass airbench's convention times (train_tta)
+                   epoch_eval_seconds=epoch_eval_seconds, epochs_trained=round(done / n_steps, 4),
                    **_cpu_facts(device, loop_seconds, usage, n_steps))
         if monitor is not None:
             row.update(monitor.epoch_stats())
         on_epoch(row)
         if not math.isfinite(train_loss):
             raise Diverged(f"training loss is {train_loss} at epoch {epoch + 1} (lr {lr:.4g})")
-        results = dict(test_acc=test_acc, test_loss=test_loss, train_loss=train_loss, epochs=epoch + 1)
+        results = dict(test_acc=test_acc, test_loss=test_loss, train_loss=train_loss, epochs=epoch + 1,
+                       epochs_trained=row["epochs_trained"], final_eval_seconds=round(epoch_eval_seconds, 3))
     return dict(results, train_seconds=round(train_seconds, 3), eval_seconds=round(eval_seconds, 3),
                 prep_seconds=round(prep_seconds, 3), first_step_at=first_step_at)

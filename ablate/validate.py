@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ablate import augment, data, device, layers, models, optim, records
-from ablate.config import ConfigError, update_rule
+from ablate.config import ConfigError, batch_size_of, update_rule
 
 __all__ = ["ConfigError", "validate"]
 
@@ -94,9 +94,42 @@ def validate(cfg: Any) -> None:
         value = getattr(cfg.scale, key)
         if value is not None:
             _positive(e, f"scale.{key}", value)
-    if cfg.scale.train_size is not None and cfg.scale.train_size < cfg.batch_size and cfg.loader.drop_last:
-        e.append(f"scale.train_size={cfg.scale.train_size} is smaller than one batch ({cfg.batch_size}) "
-                 "and loader.drop_last=true leaves no training step")
+    batch = batch_size_of(cfg)  # a subset smaller than one batch trains in batches of the whole subset
+    if batch < cfg.batch_size and cfg.norm.splits > 0 and batch % cfg.norm.splits:
+        e.append(f"scale.train_size={cfg.scale.train_size} leaves batches of {batch}, which "
+                 f"norm.splits={cfg.norm.splits} does not divide")
     _one_of(e, "step.ref.timing", cfg.step.ref.timing, records.TIMINGS)
+    _check_sequel_switches(e, cfg)
     if e:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(e))
+
+
+def _check_sequel_switches(e: list[str], cfg: Any) -> None:
+    """The switches of the airbench steps (9, 10) and their recipes."""
+    from ablate.train import AVERAGERS  # the engine's registry of weight averagings
+
+    if cfg.arch.whitening is not None:
+        _one_of(e, "arch.whitening", cfg.arch.whitening, tuple(layers.WHITENINGS))
+    if cfg.augmentation.alternating_flip and not (cfg.augmentation.flip and cfg.loader.kind == "device"):
+        e.append("augmentation.alternating_flip needs augmentation.flip=true and loader=device")
+    _one_of(e, "schedule.step_at", cfg.schedule.step_at, tuple(optim.STEP_AT))
+    if cfg.schedule.epochs is not None:
+        _positive(e, "schedule.epochs", cfg.schedule.epochs)
+    _one_of(e, "optim.units", cfg.optim.units, optim.UNITS)
+    if cfg.optim.units == "decoupled" and not cfg.optim.momentum < 1:
+        e.append(f"optim.units=decoupled divides by 1 - momentum: optim.momentum={cfg.optim.momentum} must be < 1")
+    _one_of(e, "optim.whiten_bias_lr", cfg.optim.whiten_bias_lr, optim.WHITEN_BIAS_LR)
+    if cfg.optim.whiten_bias_epochs is not None:
+        _positive(e, "optim.whiten_bias_epochs", cfg.optim.whiten_bias_epochs)
+    elif cfg.optim.whiten_bias_lr == "linear":
+        e.append("optim.whiten_bias_lr=linear decays to 0 at optim.whiten_bias_epochs: set it")
+    _positive(e, "optim.head_lr_mult", cfg.optim.head_lr_mult, allow_zero=True)
+    _positive(e, "optim.head_wd_mult", cfg.optim.head_wd_mult, allow_zero=True)
+    if update_rule(cfg.optim) == "muon":
+        _positive(e, "optim.muon_lr", cfg.optim.muon_lr)
+        if not 0 <= cfg.optim.muon_momentum < 1:
+            e.append(f"optim.muon_momentum={cfg.optim.muon_momentum} must be in [0, 1)")
+        _positive(e, "optim.muon_ns_steps", cfg.optim.muon_ns_steps)
+    _one_of(e, "ema.kind", cfg.ema.kind, tuple(AVERAGERS))
+    if cfg.tta.translate:
+        _positive(e, "tta.translate", cfg.tta.translate)

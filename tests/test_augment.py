@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
-from ablate.augment import (Choices, PerImageDataset, augment_batch, augment_one, device_epoch, draw_choices,
-                            make_loader, per_image_epoch)
+from ablate.augment import (AlternatingFlips, Choices, PerImageDataset, augment_batch, augment_one, device_epoch,
+                            draw_choices, make_loader, per_image_epoch)
 from ablate.config import AugmentationConfig, LoaderConfig
 from ablate.data import normalise, pad_reflect
 
@@ -276,3 +276,38 @@ def test_device_epoch_equals_augment_batch_then_shuffle():
     order = torch.randperm(n, generator=ref_g)
     assert torch.equal(torch.cat([b for b, _ in got]), ref[order])
     assert torch.equal(torch.cat([lb for _, lb in got]), order)
+
+
+def test_translate2_is_a_shift_by_at_most_two_pixels_with_reflected_borders():
+    """airbench's translate (sota-facts 3; conf/augmentation/translate2.yaml): reflect-pad 2, random crop.
+    Each output is the image shifted by (dy, dx) in [-2, 2]^2: its interior equals the shifted source,
+    and every offset occurs."""
+    aug = AugmentationConfig(crop_pad=2, flip=False, cutout=0)
+    x = torch.randn(400, 3, 32, 32)
+    choices = draw_choices(400, aug, _gen())
+    out = augment_batch(pad_reflect(x, 2), choices, 0)
+    offsets = set()
+    for i in range(400):
+        dy, dx = int(choices.crop_y[i]) - 2, int(choices.crop_x[i]) - 2
+        offsets.add((dy, dx))
+        shifted = torch.roll(x[i], shifts=(-dy, -dx), dims=(1, 2))
+        torch.testing.assert_close(out[i, :, 2:-2, 2:-2], shifted[:, 2:-2, 2:-2])
+    assert offsets == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
+
+
+def test_alternating_flip_flips_half_then_alternates_every_image():
+    """airbench's alternating flip (sota-facts 3): epoch 1 flips a random half; from then on each image's
+    orientation is the opposite of its previous epoch's."""
+    flips = AlternatingFlips(1000, _gen(3))
+    epochs = [flips.next_epoch() for _ in range(5)]
+    assert 400 < int(epochs[0].sum()) < 600
+    for before, after in zip(epochs, epochs[1:]):
+        assert torch.equal(after, ~before)
+    # device_epoch applies exactly the given flips
+    aug = AugmentationConfig(crop_pad=0, flip=True, cutout=0, alternating_flip=True)
+    x, y = torch.randn(8, 3, 32, 32, generator=_gen(4)), torch.arange(8)
+    given = torch.tensor([True, False] * 4)
+    (xb, yb), = device_epoch(x, y, aug, 8, False, _gen(), None, flips=given)
+    for img, label in zip(xb, yb):
+        expected = x[int(label)].flip(-1) if given[int(label)] else x[int(label)]
+        torch.testing.assert_close(img, expected)

@@ -230,7 +230,17 @@ SCHEDULES = {
     "step8_7": ([0, 2.8, 14], [0, 1.0, 0]),  # A3 8.7
     "step8_8": ([0, 2.6, 11, 13], [0, 1.0, 0.1, 0.1]),  # A3 8.8: [0, ep/5, ep-2, ep], ep = 13, floor 0.1
     "step8_9": _FINAL10, "step8": _FINAL10,
+    # sota-facts 2.1 and the zoo's scripts: LR 10 (steps 0-4) then 11.5 per 1024 examples, times
+    # 0.2 -> 1 at 20% -> 0 (steps 0-4) or 0.2 -> 1 at 23% -> 0.07 (step 5 on), over the row's epochs
+    "step9_0": ([0, 6.8, 34], [2.0, 10.0, 0.0]), "step9_1": ([0, 4.2, 21], [2.0, 10.0, 0.0]),
+    "step9_2": ([0, 3.6, 18], [2.0, 10.0, 0.0]), "step9_3": ([0, 2.7, 13.5], [2.0, 10.0, 0.0]),
+    "step9_4": ([0, 2.7, 13.5], [2.0, 10.0, 0.0]), "step9_5": ([0, 2.76, 12], [2.3, 11.5, 0.805]),
+    "step9_6": ([0, 2.484, 10.8], [2.3, 11.5, 0.805]), "step9_7": ([0, 2.277, 9.9], [2.3, 11.5, 0.805]),
+    "step9_8": ([0, 2.277, 9.9], [2.3, 11.5, 0.805]), "step9": ([0, 2.277, 9.9], [2.3, 11.5, 0.805]),
+    # sota-facts 3, airbench94_muon: no warm-up, 0.053 (the BN biases' LR) linearly to 0 over 8 epochs
+    "step10": ([0, 8], [0.053, 0.0]),
 }
+SEQUEL = {s for s in SCHEDULES if s.startswith("step9") or s == "step10"}
 
 
 def test_every_step_has_a_transcribed_schedule():
@@ -248,6 +258,8 @@ def test_step_schedule_matches_the_published_one(step):
     assert schedule_lrs(cfg.schedule) == pytest.approx(lrs)
     assert cfg.schedule.stop is None
     assert training_epochs(cfg.schedule, cfg.scale.epochs) == pytest.approx(knots[-1])
+    # airbench's LambdaLR is stepped after each update: step s runs at s / total
+    assert cfg.schedule.step_at == ("start" if step in SEQUEL else "end")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,7 +269,8 @@ def test_step_schedule_matches_the_published_one(step):
 _ACT_BEFORE_8_4 = ("relu", None)
 ACTIVATIONS = {s: _ACT_BEFORE_8_4 for s in SCHEDULES}
 ACTIVATIONS.update({"step8_4": ("celu", 0.075), "step8_5": ("celu", 0.075),  # A3 8.4 (8.5 keeps it)
-                    **{s: ("celu", 0.3) for s in ("step8_6", "step8_7", "step8_8", "step8_9", "step8")}})  # A3 8.6
+                    **{s: ("celu", 0.3) for s in ("step8_6", "step8_7", "step8_8", "step8_9", "step8")},  # A3 8.6
+                    **{s: ("gelu", None) for s in SEQUEL}})  # sota-facts 3: GELU throughout the sequel
 
 
 def _activations(model: nn.Module) -> list[nn.Module]:
@@ -279,6 +292,9 @@ def test_activation_of_the_built_network(step):
     for m in acts:
         if kind == "relu":
             assert type(m) is nn.ReLU, f"{step}: {m}"
+        elif kind == "gelu":
+            assert type(m) is nn.GELU and m.approximate == "none", f"{step}: {m}"
+            torch.testing.assert_close(m(x), x * 0.5 * (1 + torch.erf(x / 2 ** 0.5)))
         else:
             assert type(m) is nn.CELU and m.alpha == pytest.approx(alpha), f"{step}: {m}"
             expected = torch.where(x > 0, x, alpha * (torch.exp(x / alpha) - 1))
@@ -302,8 +318,8 @@ def lr_run(request):
     calls, info = [], {}
     orig_set_lr = train_mod.set_lr
 
-    def spy_set_lr(optimizer, lr, batch_size):
-        orig_set_lr(optimizer, lr, batch_size)
+    def spy_set_lr(optimizer, lr, batch_size, *position):
+        orig_set_lr(optimizer, lr, batch_size, *position)
         calls.append((lr, [g["lr"] for g in optimizer.param_groups], batch_size))
 
     with pytest.MonkeyPatch.context() as mp:
@@ -434,7 +450,7 @@ POST8_STEPS = {"step8_1", "step8_2", "step8_3", "step8_4", "step8_5", "step8_6",
 BIAS64_STEPS = {"step8_6", "step8_7", "step8_8", "step8_9", "step8"}
 
 
-@pytest.mark.parametrize("step", STEP_IDS)
+@pytest.mark.parametrize("step", sorted(set(STEP_IDS) - SEQUEL))
 def test_each_step_runs_the_optimiser_of_its_code(step):
     """0.2: Nesterov 0.9 and WD 5e-4 on every parameter throughout; Posts 1-4 (steps 0-7) ran torch's SGD,
     Post 8 (steps 8_1 on) the 2019 code's own step; from 8.6 the BN biases get LR x64 and WD /64."""
@@ -445,3 +461,57 @@ def test_each_step_runs_the_optimiser_of_its_code(step):
     mults = (64, 1 / 64) if step in BIAS64_STEPS else (1, 1)
     assert (opt.bias_lr_mult, opt.bias_wd_mult) == pytest.approx(mults)
     assert not opt.lars
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. The sequel: each step's optimiser, and step 9 = airbench94, step 10 = airbench94_muon (sota-facts 3).
+# ---------------------------------------------------------------------------------------------------
+
+BIAS64_SEQUEL = {"step9_3", "step9_4", "step9_5", "step9_6", "step9_7", "step9_8", "step9"}
+
+
+@pytest.mark.parametrize("step", sorted(SEQUEL - {"step10"}))
+def test_each_airbench_step_runs_airbenchs_sgd(step):
+    """The zoo's scripts: torch's Nesterov SGD, momentum 0.85, decoupled units, WD 0.0153 per 1024
+    examples on every parameter; BN biases at 64x the LR with the same absolute decay from step 3."""
+    opt = make_cfg(f"+step={step}").optim
+    assert (opt.momentum, opt.nesterov, opt["update"], opt.units) == (0.85, True, "torch", "decoupled")
+    assert opt.weight_decay == pytest.approx(0.0153)
+    mults = (64, 1 / 64) if step in BIAS64_SEQUEL else (1, 1)
+    assert (opt.bias_lr_mult, opt.bias_wd_mult) == pytest.approx(mults)
+    assert opt.whiten_bias_epochs == (3 if step in BIAS64_SEQUEL - {"step9_3"} else None)
+
+
+def test_step9_is_airbench94():
+    """sota-facts section 3, item by item."""
+    cfg = make_cfg("+step=step9")
+    assert (cfg.arch.name, cfg.arch.init, cfg.arch.whiten_eps, cfg.arch.stem) == ("airbench94", "dirac", 5e-4, None)
+    assert cfg.batch_size == 1024 and cfg.loader.drop_last and cfg.loader.max_options is None
+    assert training_epochs(cfg.schedule, None) == pytest.approx(9.9)
+    assert cfg.act.kind == "gelu" and cfg.precision.name == "fp16_bn32"
+    assert (cfg.norm.kind, cfg.norm.frozen_scale, cfg.norm.momentum, cfg.norm.eps) == ("batch", True, 0.4, 1e-12)
+    assert (cfg.optim.units, cfg.optim.momentum, cfg.optim.weight_decay) == ("decoupled", 0.85, pytest.approx(0.0153))
+    assert (cfg.optim.bias_lr_mult, cfg.optim.bias_wd_mult, cfg.optim.whiten_bias_epochs) == (64, 1 / 64, 3)
+    assert cfg.loss.label_smoothing == 0.2
+    assert list(cfg.schedule.knots) == [0, 0.23, 1] and schedule_lrs(cfg.schedule) == pytest.approx([2.3, 11.5, 0.805])
+    assert (cfg.augmentation.crop_pad, cfg.augmentation.flip, cfg.augmentation.alternating_flip,
+            cfg.augmentation.cutout) == (2, True, True, 0)
+    assert (cfg.tta.flip, cfg.tta.translate) == (True, 1)
+    assert (cfg.ema.enabled, cfg.ema.kind, cfg.ema.momentum, cfg.ema.every, cfg.ema.power) == \
+        (True, "lookahead", 0.95, 5, 3)
+    assert cfg.compile and cfg.step.ref.timing == "train_tta"
+    spec = train_mod.customise(train_mod.REGISTRY[cfg.arch.name], cfg.arch)
+    assert (spec.whitening, spec.logit_scale, spec.pool_before_norm) == ("airbench2x2", 1 / 9, True)
+
+
+def test_step10_is_airbench94_muon():
+    cfg = make_cfg("+step=step10")
+    o = cfg.optim
+    assert (o["update"], o.units, o.muon_lr, o.muon_momentum, o.muon_ns_steps) == ("muon", "torch", 0.24, 0.6, 3)
+    assert (o.momentum, o.nesterov, o.weight_decay) == (0.85, True, pytest.approx(2e-6))
+    assert schedule_lrs(cfg.schedule)[0] == pytest.approx(0.053)
+    assert schedule_lrs(cfg.schedule)[0] * o.head_lr_mult == pytest.approx(0.67)
+    assert (o.whiten_bias_epochs, o.whiten_bias_lr) == (3, "linear")
+    assert cfg.batch_size == 2000 and training_epochs(cfg.schedule, None) == 8 and not cfg.ema.enabled
+    assert cfg.arch.name == "airbench94_muon" and cfg.arch.init == "dirac_unit_head"
+    assert train_mod.REGISTRY["airbench94_muon"].logit_scale == 1 / 256 and cfg.compile

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ablate.config import ActConfig, NormConfig
-from ablate.layers import ACT_LAYERS, NORM_LAYERS, GhostBatchNorm, Whitening, unfitted_allowed, make_act, make_norm, \
-    patch_whitening_filter
+from ablate.layers import ACT_LAYERS, NORM_LAYERS, WHITENINGS, GhostBatchNorm, Whitening, unfitted_allowed, make_act, \
+    make_norm, patch_whitening_filter
 
 C = 6
 
@@ -131,7 +131,7 @@ def test_registries_cover_the_config_choices() -> None:
     with pytest.raises(ValueError, match="norm.kind"):
         make_norm(NormConfig(kind="layer"))
     with pytest.raises(ValueError, match="act.kind"):
-        make_act(ActConfig(kind="gelu"))
+        make_act(ActConfig(kind="swish"))
 
 
 def test_make_norm_builds_the_configured_layer() -> None:
@@ -175,6 +175,9 @@ def test_frozen_affine_is_identity_map_and_not_trainable() -> None:
 
 def test_make_act() -> None:
     assert isinstance(make_act(ActConfig(kind="relu"))(), nn.ReLU)
+    gelu = make_act(ActConfig(kind="gelu"))(inplace=True)  # no in-place form: the flag is ignored
+    x = torch.linspace(-4, 4, 41)
+    torch.testing.assert_close(gelu(x), x * 0.5 * (1 + torch.erf(x / 2 ** 0.5)))  # x * Phi(x), the erf form
     celu = make_act(ActConfig(kind="celu", alpha=0.3))()
     assert isinstance(celu, nn.CELU) and celu.alpha == 0.3
 
@@ -227,3 +230,45 @@ def test_whitening_layer_is_a_fixed_conv_with_a_buffer() -> None:
     out = layer(images)
     assert out.shape == (8, 27, 32, 32)
     assert layer(images.double()).dtype == torch.float64  # the buffer follows the input's dtype
+
+
+def test_airbench_whitening_is_2x2_eigenfilters_and_their_negations() -> None:
+    """sota-facts 3: the 12 eigenvectors of the 2x2x3 patches' covariance scaled by 1/sqrt(lambda + 5e-4),
+    then their negations: 24 filters, padding 0, whose first 12 outputs have second moment
+    diag(lambda / (lambda + eps)) and whose last 12 are the first 12 negated."""
+    images, eps = _correlated_images(), 5e-4
+    layer = Whitening(eps, WHITENINGS["airbench2x2"], bias=True)
+    assert layer.weight.shape == (24, 3, 2, 2) and [n for n, _ in layer.named_parameters()] == ["bias"]
+    layer.fit(images)
+    out = layer(images)
+    assert out.shape == (64, 24, 31, 31)
+    torch.testing.assert_close(out[:, 12:], -out[:, :12])
+    patches = F.unfold(images.double(), 2).transpose(1, 2).reshape(-1, 12)
+    eigenvalues = torch.linalg.eigvalsh(patches.T @ patches / (patches.shape[0] - 1))
+    flat = out[:, :12].double().transpose(0, 1).reshape(12, -1)
+    moment = flat @ flat.T / (flat.shape[1] - 1)
+    torch.testing.assert_close(moment, torch.diag((eigenvalues / (eigenvalues + eps)).flip(0)), rtol=0, atol=2e-3)
+
+
+def test_whitening_bias_adds_to_every_output_and_freezes() -> None:
+    images = _correlated_images(4)
+    layer = Whitening(5e-4, WHITENINGS["airbench2x2"], bias=True)
+    layer.fit(images)
+    with torch.no_grad():
+        layer.bias.copy_(torch.arange(24.0))
+    plain = F.conv2d(images, layer.weight)
+    torch.testing.assert_close(layer(images), plain + torch.arange(24.0)[:, None, None])
+    layer(images).sum().backward()
+    assert layer.bias.grad is not None
+    layer.bias.grad = None
+    layer.freeze_bias()
+    assert not layer.bias.requires_grad and layer(images).grad_fn is None  # nothing left to train here
+    layer.freeze_bias(False)
+    assert layer.bias.requires_grad
+
+
+def test_page_whitening_keeps_its_published_shape() -> None:
+    v = WHITENINGS["page3x3"]
+    assert (v.kernel, v.negated, v.padding, v.images, v.out_channels) == (3, False, 1, 10_000, 27)
+    a = WHITENINGS["airbench2x2"]
+    assert (a.kernel, a.negated, a.padding, a.images, a.out_channels) == (2, True, 0, 5_000, 24)

@@ -11,7 +11,7 @@ from torch import nn
 from ablate.config import ArchConfig, NormConfig, ActConfig
 from ablate.layers import GhostBatchNorm, Whitening, make_act, make_norm
 from ablate.models import REGISTRY, Block, PreActBlock, build_model, build_published, count_macs, \
-    count_params, customise, main
+    count_params, count_weights, customise, init_dirac, init_dirac_unit_head, main
 
 # B3 of docs/references.md: trainable parameters (BN gamma and beta included) and forward MACs in millions.
 B3 = {
@@ -60,7 +60,7 @@ def test_registry_names() -> None:
     assert len(family) == 15
     expected = {*family, "preact18_repeat", "preact18", "shortest_path_repeat", "shortest_path",
                 "shortest_path_3x3", "shortest_path_pool", "shortest_path_wide", "resnet9", "backbone_2x",
-                "resnet9_final", "simple"}
+                "resnet9_final", "simple", "airbench94_base", "airbench94", "airbench94_muon"}
     assert set(REGISTRY) == expected
     assert all(name == spec.name for name, spec in REGISTRY.items())
 
@@ -288,8 +288,87 @@ def test_unknown_names_are_rejected() -> None:
 def test_main_lists_every_network(capsys: pytest.CaptureFixture[str]) -> None:
     main()
     lines = capsys.readouterr().out.splitlines()
-    listed = [line.split()[0] for line in lines[2:]]
+    listed = [line.split()[0] for line in lines[2:-1]]
     assert listed == list(REGISTRY)
     resnet9 = next(line for line in lines if line.startswith("resnet9 "))
     assert "6,573,120" in resnet9 and "379.3" in resnet9
     assert "115,786" in next(line for line in lines if line.startswith("shortest_path_repeat "))
+    # airbench94: 1,971,640 weights (the cifar10-zoo README's count), 1,971,352 trained, ~118 M MACs (sota-facts 5)
+    assert next(line for line in lines if line.startswith("airbench94 ")).split()[1:4] == \
+        ["1,971,640", "1,971,352", "118.1"]
+    assert next(line for line in lines if line.startswith("airbench94_base ")).split()[1:3] == \
+        ["1,971,640", "1,971,640"]
+
+
+# airbench94 by hand (sota-facts 3): whitening 24 x 3 x 2 x 2 = 288 fixed + 24 bias; ConvGroups
+# 24->64: 13,824 + 36,864; 64->256: 147,456 + 589,824; 256->256: 2 x 589,824; BN biases 2 x (64 + 256
+# + 256) = 1,152; head 256 x 10 = 2,560. 288 + 24 + 50,688 + 737,280 + 1,179,648 + 1,152 + 2,560.
+AIRBENCH_WEIGHTS = 288 + 24 + 13_824 + 36_864 + 147_456 + 589_824 + 2 * 589_824 + 1_152 + 2_560
+
+
+def test_airbench94_counts_every_weight_the_zoo_counts() -> None:
+    """cifar10-zoo README: 1,971,640 parameters, the 288 fixed whitening weights included (not trained);
+    the frozen BN scales (1,152 ones) are not counted. The base network (step 9_0) has the same count:
+    its learned 2x2 conv has the whitening's 288 weights and its BN the 24 biases of the whitening's."""
+    assert AIRBENCH_WEIGHTS == 1_971_640
+    for name, trainable in (("airbench94", 1_971_352), ("airbench94_muon", 1_971_352), ("airbench94_base", 1_971_640)):
+        model = build_published(name)
+        assert (count_weights(model), count_params(model)) == (1_971_640, trainable), name
+    assert count_macs(build_published("airbench94")) == pytest.approx(118e6, rel=0.01)  # sota-facts 5: 118 M MAC
+
+
+def test_airbench94_layers_follow_the_published_network() -> None:
+    model = build_published("airbench94")
+    whiten = model.stem.whiten
+    assert isinstance(whiten, Whitening) and whiten.weight.shape == (24, 3, 2, 2) and whiten.bias.shape == (24,)
+    assert whiten.variant.padding == 0 and whiten.eps == 5e-4 and whiten.variant.images == 5_000
+    assert [type(m) for m in model.stem.children()] == [Whitening, nn.GELU]  # no BN after the whitening
+    for k, width in enumerate((64, 256, 256), 1):
+        assert _child_types(getattr(model, f"layer{k}")) == \
+            [("conv", nn.Conv2d), ("pool", nn.MaxPool2d), ("norm", nn.BatchNorm2d), ("act", nn.GELU)]
+        assert _child_types(getattr(model, f"layer{k}_extra")) == \
+            [("conv", nn.Conv2d), ("norm", nn.BatchNorm2d), ("act", nn.GELU)]
+        assert getattr(model, f"layer{k}").conv.out_channels == width
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(not b.weight.requires_grad and b.momentum == 0.4 and b.eps == 1e-12 for b in bns)
+    assert model.head.linear.in_features == 256 and model.head.linear.bias is None
+    assert model.head.scale.scale == pytest.approx(1 / 9)
+    whiten.fit(torch.randn(8, 3, 32, 32))
+    assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)  # 31 -> 15 -> 7 -> 3 -> global max
+
+
+def test_airbench_base_stem_is_a_learned_conv_of_the_whitening_shape() -> None:
+    base = build_published("airbench94_base", width_mult=1 / 4)
+    conv = base.stem.conv
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.padding) == (3, 24, (2, 2), (0, 0))
+    assert base.stem.norm.momentum == pytest.approx(0.1) and not base.stem.norm.weight.requires_grad
+    # arch.stem switches between the two, both ways; the whitening keeps its 24 outputs at any width
+    spec = customise(REGISTRY["airbench94_base"], ArchConfig(stem="whiten_act"))
+    assert spec.blocks[0] == ("stem", Block("whiten_act"))
+    assert customise(REGISTRY["airbench94"], ArchConfig(stem="conv")).blocks == REGISTRY["airbench94_base"].blocks
+    assert build_published("airbench94", width_mult=1 / 4).layer1.conv.in_channels == 24
+
+
+@pytest.mark.parametrize("spec_name, variant, shape", [("airbench94", "page3x3", (27, 3, 3, 3)),
+                                                        ("resnet9_final", "airbench2x2", (24, 3, 2, 2))])
+def test_the_whitening_variant_is_a_switch(spec_name: str, variant: str, shape: tuple) -> None:
+    spec = customise(REGISTRY[spec_name], ArchConfig(whitening=variant))
+    model = build_model(spec, BATCH_NORM, RELU, width_mult=1 / 8)
+    whiten = next(m for m in model.modules() if isinstance(m, Whitening))
+    assert whiten.weight.shape == shape
+    _forward_backward(model, batch=4)
+
+
+def test_dirac_init_makes_the_first_filters_the_identity() -> None:
+    """airbench (sota-facts 3): PyTorch's init, then the first C_in output filters of each conv are
+    the identity: on those channels a conv starts by passing its input through unchanged."""
+    torch.manual_seed(0)
+    model = init_dirac(build_published("airbench94", width_mult=1 / 8))
+    for conv in (m for m in model.modules() if isinstance(m, nn.Conv2d)):
+        k = min(conv.in_channels, conv.out_channels)  # narrower outputs (1/8 width: 24 -> 8) keep k
+        x = torch.randn(2, conv.in_channels, 7, 7)
+        torch.testing.assert_close(conv(x)[:, :k], x[:, :k])  # 3x3 'same' convs: the identity exactly
+        if conv.out_channels > k:
+            assert conv.weight[k:].abs().sum() > 0  # the other filters keep PyTorch's random init
+    head = init_dirac_unit_head(build_published("airbench94_muon", width_mult=1 / 8)).head.linear
+    assert head.weight.std().item() == pytest.approx(1.0, rel=1e-5)

@@ -92,3 +92,65 @@ def test_training_stops_at_schedule_stop_compressed_like_the_knots():
     assert training_epochs(partial, None) == 10
     assert training_epochs(partial, 2) == 1  # smoke: 20 epochs become 2, so epoch 10 becomes 1
     assert training_epochs(ScheduleConfig(knots=[0, 5, 24], lr=[0, 0.4, 0]), None) == 24
+
+
+def test_decoupled_units_are_airbenchs():
+    """airbench94 (sota-facts 3): torch lr = lr / (1024 (1 + 1/(1 - mu))), weight_decay = wd x N / lr
+    (its SGD gets wd / lr with wd = 0.0153 x N / kilostep); BN biases at 64x the LR with the same
+    absolute decay. Checked on the groups and on one SGD step against airbench's arithmetic."""
+    from ablate.optim import kilostep_scale
+
+    torch.manual_seed(0)
+    model = _toy()
+    model[1].weight.requires_grad_(False)
+    cfg = OptimConfig(units="decoupled", momentum=0.85, weight_decay=0.0153, bias_lr_mult=64, bias_wd_mult=1 / 64)
+    opt = make_optimizer(model, cfg, batch_size=1024, lr_base=11.5)
+    k = 1024 * (1 + 1 / 0.15)
+    assert kilostep_scale(0.85) == pytest.approx(k)
+    set_lr(opt, 11.5 * 0.2, 1024)  # the first step of airbench's schedule
+    main, bias = opt.param_groups
+    lr, wd = 11.5 / k, 0.0153 * 1024 / k  # airbench's un-decoupled lr and wd
+    assert main["lr"] == pytest.approx(0.2 * lr) and main["weight_decay"] == pytest.approx(wd / lr)
+    assert bias["lr"] == pytest.approx(0.2 * 64 * lr) and bias["weight_decay"] == pytest.approx(wd / (64 * lr))
+    w = model[0].weight.detach().clone()
+    g = torch.randn_like(w)
+    model[0].weight.grad = g.clone()
+    opt.step()
+    # first Nesterov step from a zero buffer: w -= lr_t (g + wd_t w) (1 + mu)
+    step = 0.2 * lr * (g + wd / lr * w)
+    torch.testing.assert_close(model[0].weight.detach(), w - step * 1.85)
+
+
+def test_schedule_epochs_stretch_the_knots_and_smoke_compresses_them():
+    s = ScheduleConfig(knots=[0, 0.23, 1], lr=[0.2, 1.0, 0.07], peak=11.5, epochs=9.9)
+    assert schedule_knots(s, None) == pytest.approx([0, 0.23 * 9.9, 9.9])
+    assert schedule_knots(s, 2) == pytest.approx([0, 0.46, 2])
+    assert schedule_lrs(s) == pytest.approx([2.3, 11.5, 0.805])
+    from ablate.optim import time_factor, training_epochs
+
+    assert training_epochs(s, None) == pytest.approx(9.9) and time_factor(s, 2) == pytest.approx(2 / 9.9)
+
+
+def test_step_at_start_is_airbenchs_lambdalr():
+    """airbench steps its LambdaLR after each update, so step s of the run uses factor(s / total);
+    the 2019 code counts (s + 1) / total."""
+    from ablate.optim import lr_position
+
+    assert lr_position(3, 0, 48, "start") == 3 and lr_position(3, 47, 48, "start") == pytest.approx(3 + 47 / 48)
+    assert lr_position(3, 0, 48, "end") == pytest.approx(3 + 1 / 48)
+
+
+def test_whitening_bias_with_a_linear_decay_has_its_own_group():
+    """airbench94_muon: the whitening bias's LR falls from the base LR to 0 at whiten_bias_epochs,
+    whatever the main schedule does (optim.whiten_bias_lr=linear)."""
+    from ablate.layers import WHITENINGS, Whitening
+
+    model = nn.Sequential(Whitening(5e-4, WHITENINGS["airbench2x2"], bias=True), nn.Flatten(), nn.Linear(24, 2))
+    cfg = OptimConfig(units="torch", weight_decay=2e-6, whiten_bias_epochs=3, whiten_bias_lr="linear")
+    opt = make_optimizer(model, cfg, batch_size=2000, lr_base=0.053, epoch_scale=0.5)  # smoke halves time
+    bias = next(g for g in opt.param_groups if g["params"] == [model[0].bias])
+    assert bias["decay_to"] == 1.5
+    set_lr(opt, 0.04, 2000, epoch=0.75)
+    assert bias["lr"] == pytest.approx(0.053 * 0.5) and opt.param_groups[0]["lr"] == pytest.approx(0.04)
+    set_lr(opt, 0.03, 2000, epoch=2.0)
+    assert bias["lr"] == 0.0

@@ -107,10 +107,13 @@ def test_architecture_chart_labels_every_network(tmp_path):
 
 def test_journey_experiment_lists_steps_in_journey_order():
     order = journey_order()
-    assert order[0] == "step0" and order[-1] == "step8" and order.index("step4_9") < order.index("step4")
-    listed = yaml.safe_load((REPO / "conf/experiment/journey.yaml").read_text())
-    steps = listed["hydra"]["sweeper"]["params"]["+step"].split(",")
-    aliases = {"step1_4", "step3_3", "step4_10", "step8_9", "step5", "step6", "step7"}
+    assert order[0] == "step0" and order[-1] == "step10" and order.index("step4_9") < order.index("step4")
+    assert order.index("step8") + 1 == order.index("step9_0")  # the sequel follows Post 8
+    steps = []
+    for name in ("journey", "journey_sequel"):
+        listed = yaml.safe_load((REPO / f"conf/experiment/{name}.yaml").read_text())
+        steps += listed["hydra"]["sweeper"]["params"]["+step"].split(",")
+    aliases = {"step1_4", "step3_3", "step4_10", "step8_9", "step5", "step6", "step7", "step9_8"}
     assert steps == [s for s in order if s not in aliases]
 
 
@@ -389,3 +392,42 @@ def test_curves_draw_one_mean_line_and_band_per_recipe(tmp_path):
     assert per_second.get_xscale() == "log"
     ticks = per_epoch.xaxis.get_major_locator()()
     assert all(float(t).is_integer() for t in ticks)
+
+
+def test_airbench_timing_counts_training_and_the_final_evaluation_pass(tmp_path):
+    """sota-facts 2.4 (step.ref.timing=train_tta): preprocessing with the whitening fit and the training
+    loop count, and the final TTA pass; the per-epoch logging evaluation does not. The time to target at
+    epoch e counts that epoch's evaluation as the final pass."""
+    run = tmp_path / "airbench"
+    run.mkdir()
+    config = {"step": {"id": "step9", "ref": {"timing": "train_tta"}}, "arch": {"name": "airbench94"}, "seed": 0,
+              "scale": {"name": "full"}, "target_acc": 94.0}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = [dict(epoch=e, test_acc=acc, train_seconds=2.0 + 10.0 * e, eval_seconds=1.5 * e, epoch_eval_seconds=1.5)
+            for e, acc in ((1, 90.0), (2, 94.5), (3, 95.0))]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "summary.json").write_text(json.dumps(dict(
+        status="completed", step="step9", arch="airbench94", seed=0, scale="full", device="cpu", test_acc=95.0,
+        epochs=3, train_seconds=32.0, eval_seconds=4.5, prep_seconds=2.0, final_eval_seconds=1.5)))
+    runs = load_runs(tmp_path)[0].set_index("run")
+    assert runs.loc["airbench", "time_s"] == pytest.approx(32.0 + 1.5)
+    assert runs.loc["airbench", "time_to_target"] == pytest.approx(22.0 + 1.5)
+
+
+def test_timeline_draws_the_sequel_after_post_8_on_one_normalised_axis(tmp_path):
+    """The sequel gets its own header (A100, final TTA counted) after Post 8; the normalised panel puts
+    the published A100 seconds on the V100 scale by Page's 26 s / 14.9 s, so one published line runs
+    through both eras."""
+    for i, (step, timing, ref) in enumerate([("step8", "train_only", 26.0), ("step9_0", "train_tta", 14.2),
+                                              ("step10", "train_tta", 2.59)]):
+        _record(tmp_path, f"{i}", step=step, arch="airbench94", timing=timing, ref_time=ref, train_s=100.0 - 30 * i)
+    fig = plot_timeline(aggregate(load_runs(tmp_path)[0]), tmp_path / "t.png")
+    published, measured, normalised = fig.axes
+    ticks = [t.get_text() for t in published.get_yticklabels()]
+    assert any(t.startswith("Sequel") and "A100" in t for t in ticks)
+    assert ticks.index(next(t for t in ticks if t.startswith("Sequel"))) > ticks.index(
+        next(t for t in ticks if t.startswith("Post 8")))
+    line = next(ln for ln in normalised.get_lines() if ln.get_label().startswith("published"))
+    values = list(line.get_xdata())
+    assert values[0] == pytest.approx(1.0)  # step 8, the common step
+    assert any(v == pytest.approx(14.2 * 26 / 14.9 / 26) for v in values)

@@ -165,3 +165,50 @@ def test_lr_bs_grid_batch_sizes_are_quoted_group_choices_and_draw_a_heat_map(tmp
                          for i, (lr, n) in enumerate((lr, n) for lr in (0.2, 0.4) for n in (256, 512))])
     assert study_charts(runs, tmp_path) == [("Post 5 grid: max LR × batch size", "hparams_lr_bs.png")]
     assert (tmp_path / "hparams_lr_bs.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The airbench additivity study (sota-facts 2.2)
+# ---------------------------------------------------------------------------------------------------
+
+def test_airbench_loo_recipes_carry_the_papers_epochs():
+    from ablate.studies.airbench_loo import published_epochs, recipe_order
+
+    published = published_epochs()
+    assert list(published) == recipe_order() and len(published) == 19
+    # make_figures.py's data, transcribed in sota-facts 2.2
+    assert (published["all_on"], published["no_whiten"], published["all_off"], published["only_scalebias"],
+            published["whiten_lookahead"]) == (9.9, 22, 34, 34, 20.2)
+    listed = yaml.safe_load((REPO / "conf/experiment/airbench_loo.yaml").read_text())["hydra"]["sweeper"]["params"]
+    assert listed["+airbench_loo"].split(",") == recipe_order()
+
+
+def test_airbench_additivity_reproduces_the_papers_bars():
+    """make_figures.py: additive prediction no_f - all_on, multiplicative all_off (1 - all_on / no_f),
+    observed all_off - only_f; the same from the whitening-only base."""
+    from ablate.studies.airbench_loo import FEATURES, additivity, published_epochs
+
+    bars = additivity(published_epochs(), "all_off", FEATURES)
+    assert bars["additive"][0] == pytest.approx(22 - 9.9) and bars["observed"][0] == pytest.approx(34 - 21)
+    assert bars["multiplicative"][0] == pytest.approx(34 * (1 - 9.9 / 22))
+    second = additivity(published_epochs(), "only_whiten", FEATURES[1:])
+    assert second["observed"] == pytest.approx([21 - 18, 21 - 16.5, 21 - 20.2, 21 - 18.1, 21 - 20.0])
+
+
+def test_epochs_to_target_is_the_first_epoch_of_the_seed_mean(tmp_path):
+    import pandas as pd
+
+    from ablate.studies.airbench_loo import epochs_to_target, plot_additivity
+
+    runs = pd.DataFrame([dict(run=f"r{s}", seed=s, status="completed", scale="cpu", device="cpu", target=86.0,
+                              test_acc=87.0, **{"choice.airbench_loo": name, "choice.experiment": "airbench_loo"})
+                         for name in ("all_on", "no_tta") for s in (0, 1)])
+    curves = {"r0": pd.DataFrame(dict(epoch=[1, 2, 3], test_acc=[80.0, 86.5, 87.0], epochs_trained=[1, 2, 2.9])),
+              "r1": pd.DataFrame(dict(epoch=[1, 2, 3], test_acc=[81.0, 85.0, 86.5], epochs_trained=[1, 2, 2.9]))}
+    # mean over seeds: 80.5, 85.75, 86.75 -> first reaches 86 at the third (fractional) epoch
+    assert epochs_to_target(runs[runs["choice.airbench_loo"] == "all_on"], curves, 86.0) == (2.9, False)
+    epochs, censored = epochs_to_target(runs.iloc[:2], curves, 90.0)
+    assert math.isnan(epochs) and censored
+    fig = plot_additivity(runs, curves, tmp_path / "loo.png")
+    assert (tmp_path / "loo.png").stat().st_size > 10_000 and (tmp_path / "loo.csv").is_file()
+    assert any(ln.get_marker() == "D" for ax in fig.axes for ln in ax.get_lines())  # measured diamonds

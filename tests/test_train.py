@@ -267,3 +267,103 @@ def test_tf32_flags_are_set_explicitly_and_recorded(monkeypatch, tf32):
     assert facts["tf32_matmul"] is tf32 and facts["tf32_cudnn"] is tf32 and facts["cuda_capability"] == "8.0"
     assert {"cuda_version", "cudnn_version"} <= set(facts)
     assert set_math_flags(torch.device("cpu"), tf32) == {}
+
+
+def test_lookahead_is_airbench94s():
+    """sota-facts 3 / legacy/airbench94.py: after step s with s % 5 == 0, avg = lerp(avg, w, 1 - d) with
+    d = 0.95^5 (s/T)^3 and w = avg; after the last step w = avg. Integer buffers are left alone."""
+    from ablate.train import Lookahead
+
+    model = nn.BatchNorm1d(1)
+    total = 12
+    la = Lookahead(model, momentum=0.95, every=5, power=3, total_steps=total)
+    assert la.model is model  # the live model is the one evaluated
+    avg = 0.0  # the initial bias
+    for s in range(1, total + 1):
+        with torch.no_grad():
+            model.bias.add_(1.0)  # an optimiser step
+        model.num_batches_tracked += 1
+        live = model.bias.item()
+        la.maybe_update(s - 1)
+        if s % 5 == 0:
+            d = 0.95 ** 5 * (s / total) ** 3
+            avg = d * avg + (1 - d) * live
+            assert model.bias.item() == pytest.approx(avg)  # reset to the average
+        elif s == total:
+            assert model.bias.item() == pytest.approx(avg)  # the last 2 steps are dropped for the average
+        else:
+            assert model.bias.item() == pytest.approx(live)
+    assert model.num_batches_tracked.item() == total
+
+
+def test_multicrop_tta_weighs_six_views_as_airbench():
+    """tta_level 2 (sota-facts 3): 1/4 each for the image and its mirror, 1/8 each for the mirror pair
+    shifted up-left and down-right by one pixel with reflect padding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.LazyLinear(10))
+    x = torch.randn(4, 3, 8, 8)
+    model(x)
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    views = [(x, 0.25), (padded[..., :8, :8], 0.125), (padded[..., 2:, 2:], 0.125)]
+    expected = sum(w * (model(v) + model(v.flip(3))) for v, w in views)
+    torch.testing.assert_close(predict(model, x, tta_flip=True, translate=1), expected)
+
+
+def test_whitening_bias_freezes_at_its_epoch():
+    """airbench94: bias.requires_grad = epoch < 3 at every epoch's start (optim.whiten_bias_epochs),
+    at its place in a smoke-compressed schedule too."""
+    from ablate.layers import Whitening
+    from ablate.train import epoch_hooks
+
+    cfg = make_cfg("+step=step9_4", "scale=smoke", "data=synthetic")
+    model = build_network(cfg, resolve_precision("fp32", torch.device("cpu")), torch.device("cpu"))
+    bias = next(m for m in model.modules() if isinstance(m, Whitening)).bias
+    (hook,) = epoch_hooks(cfg, model)
+    hook(0)
+    assert bias.requires_grad
+    hook(1)  # smoke squeezes 13.5 epochs into 2: the freeze at 3 lands at 0.44, so epoch 1 is frozen
+    assert not bias.requires_grad
+    full = make_cfg("+step=step9_4", "data=synthetic", "scale.width_mult=0.125")
+    (hook,) = epoch_hooks(full, model)
+    hook(2)
+    assert bias.requires_grad
+    hook(3)
+    assert not bias.requires_grad
+
+
+def test_a_fractional_last_epoch_stops_part_way(tmp_path):
+    """airbench trains ceil(steps_per_epoch x 9.9) steps; ablate stops the last epoch at the same count."""
+    from ablate.run import execute
+
+    cfg = make_cfg("+step=step9_7", "scale=smoke", "data=synthetic", "progress=false", "batch_size=128",
+                   "data.synthetic_size=1000", "scale.train_size=1000", "scale.test_size=100", "scale.epochs=null",
+                   "schedule.epochs=1.5")
+    summary = execute(cfg, tmp_path)
+    # 1,000 images, batches of 128, the last dropped: 7 steps an epoch, ceil(10.5) = 11 steps
+    assert summary["epochs"] == 2 and summary["epochs_trained"] == pytest.approx(11 / 7, abs=1e-4)
+    assert summary["final_eval_seconds"] > 0
+
+
+def test_compile_failure_trains_uncompiled_and_says_so(tmp_path, monkeypatch):
+    """Where torch.compile cannot run (no compiler, say), the run completes eagerly and its record
+    says compiled: false and why."""
+    from ablate.run import execute
+
+    def broken(model, *args, **kwargs):
+        def forward(*a, **k):
+            raise RuntimeError("no C compiler found")
+        return forward
+    monkeypatch.setattr(torch, "compile", broken)
+    summary = execute(make_cfg("+step=step9", "scale=smoke", "data=synthetic", "progress=false"), tmp_path)
+    assert summary["status"] == "completed" and summary["compiled"] is False
+    assert "no C compiler found" in summary["compile_error"]
+
+
+@pytest.mark.slow
+def test_step9_compiles_with_the_whitening_bias_trainable_and_frozen(tmp_path):
+    """Step 9_8 on: torch.compile, warmed up before the timer in both states the run trains in (about
+    80 s on a 2-core CPU with a cold inductor cache)."""
+    from ablate.run import execute
+
+    summary = execute(make_cfg("+step=step9", "scale=smoke", "data=synthetic", "progress=false"), tmp_path)
+    assert summary["status"] == "completed" and summary["compiled"] is True and summary["compile_seconds"] > 0

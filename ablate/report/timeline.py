@@ -28,18 +28,34 @@ from ablate.report.load import DEFAULT_TARGET, journey_steps
 
 STAGES = {"baseline": "DAWNBench baseline", "1": "Post 1 · baseline", "2": "Post 2 · mini-batches",
           "3": "Post 3 · regularisation", "4": "Post 4 · architecture", "5": "Post 5 · hyperparameters",
-          "6": "Post 6 · weight decay", "7": "Post 7 · batch norm", "8": "Post 8 · bag of tricks"}
+          "6": "Post 6 · weight decay", "7": "Post 7 · batch norm", "8": "Post 8 · bag of tricks",
+          "9": "Sequel · airbench94, the zoo's ablation (A100)", "10": "Sequel · airbench94_muon (A100)"}
 CONVENTION = {"with_eval": ("training + per-epoch evaluation (Posts 1–4)", "#4c72b0", "#a8b6cc"),
-              "train_only": ("training only, evaluation excluded (Post 8)", "#dd8452", "#e8c3a8")}
+              "train_only": ("training only, evaluation excluded (Post 8)", "#dd8452", "#e8c3a8"),
+              "train_tta": ("training + final TTA pass (airbench)", "#55a868", "#b5d8bd")}
+HEADER_NOTES = {"train_only": " (times: no evaluation)", "train_tta": " (times: one A100, final TTA counted)"}
+# Page's final recipe took 26 s on his V100 and 14.9 s on an A100 (Keller Jordan's re-run, sota-facts
+# 1 row 6): the normalised panel puts published A100 seconds on the V100 scale by that ratio, so one
+# published series runs through both eras.
+TO_V100 = {"V100": 1.0, "A100": 26 / 14.9}
 MISSED = dict(facecolor="#d9d9d9", hatch="////", edgecolor="#7f7f7f")
 FASTER, SLOWER = "#2a9d3f", "#c0392b"
 ROW_INCHES = 0.3
 
 
+JOURNEYS = ("journey", "journey_sequel")  # the conf/experiment replays whose steps are the timeline's rows
+
+
 def journey_sweep(conf_dir: Path = CONF_DIR) -> list[str]:
-    """The steps ``+experiment=journey`` runs: the timeline's rows when nothing says otherwise."""
-    sweep = yaml.safe_load((conf_dir / "experiment" / "journey.yaml").read_text())
-    return str(sweep["hydra"]["sweeper"]["params"]["+step"]).split(",")
+    """The steps ``+experiment=journey`` and ``journey_sequel`` run: the timeline's rows when nothing
+    says otherwise."""
+    steps = []
+    for name in JOURNEYS:
+        path = conf_dir / "experiment" / f"{name}.yaml"
+        if path.is_file():
+            sweep = yaml.safe_load(path.read_text())
+            steps += str(sweep["hydra"]["sweeper"]["params"]["+step"]).split(",")
+    return steps
 
 
 def timeline_rows(agg: pd.DataFrame) -> list[dict]:
@@ -60,11 +76,12 @@ def timeline_rows(agg: pd.DataFrame) -> list[dict]:
         if s.get("stage") != stage:
             stage = s.get("stage")
             switch = timing is not None and ref.get("timing") != timing
-            note = " (times: no evaluation)" if switch and ref.get("timing") == "train_only" else ""
+            note = HEADER_NOTES.get(ref.get("timing"), "") if switch else ""
             rows.append(dict(kind="header", text=STAGES.get(str(stage), f"stage {stage}") + note))
         timing = ref.get("timing")
         rows.append(dict(kind="step", step=s["id"], label=s["id"], text=f"{s['id']}  {_short(s.get('change', ''))}",
-                         ref_time=ref.get("time_s"), ref_acc=ref.get("accuracy"), timing=timing))
+                         ref_time=ref.get("time_s"), ref_acc=ref.get("accuracy"), timing=timing,
+                         hardware=ref.get("hardware", "V100")))
         for label in sorted(set(labels[agg.step == s["id"]]) - {s["id"]}):
             rows.append(dict(kind="ablation", step=s["id"], label=label,
                              text="   " + shorten(label.split(SEPARATOR, 1)[-1], 44), timing=timing))
@@ -140,7 +157,8 @@ def _published(rows: list[dict]) -> list[dict | None]:
         t, acc = float(t), r.get("ref_acc")
         missed = acc is not None and math.isfinite(float(acc)) and float(acc) < DEFAULT_TARGET
         out.append(dict(time=t, missed=missed, timing=r["timing"], ratio=_ratio_to_previous(t, r["timing"], previous),
-                        text=f"{t:,.0f} s" + (f" · {float(acc):g}%" if acc is not None else "")))
+                        norm_time=t * TO_V100.get(r.get("hardware", "V100"), math.nan),
+                        text=f"{t:,.{0 if t >= 10 else 1}f} s" + (f" · {float(acc):g}%" if acc is not None else "")))
         previous = (t, r["timing"])
     return out
 
@@ -176,8 +194,11 @@ def _normalised(ax, ys: list[float], named: list[tuple[str, list[dict | None], s
     for (name, series, colour), have in zip(named, present):
         if not have:
             continue
-        base = series[common[0] if common else min(have)]["time"]
-        pts = [(ys[i], series[i]["time"] / base) for i in sorted(have)]
+        def seconds(s: dict) -> float:
+            return s.get("norm_time", s["time"])
+
+        base = seconds(series[common[0] if common else min(have)])
+        pts = [(ys[i], seconds(series[i]) / base) for i in sorted(have)]
         values += [v for _, v in pts]
         ax.plot([p[1] for p in pts], [p[0] for p in pts], "-", color=colour, lw=1, alpha=0.7, label=name)
         for k, (y, v) in enumerate(pts):
@@ -211,9 +232,9 @@ def plot_timeline(agg: pd.DataFrame, path: Path):
     fig, axes = plt.subplots(1, len(widths), figsize=(sum(widths) + 3.4, ROW_INCHES * n + 2.2), sharey=True,
                              gridspec_kw=dict(width_ratios=widths, wspace=0.08))
     published = _published(rows)
-    _draw_bars(axes[0], ys, published, "published: one V100, full scale")
+    _draw_bars(axes[0], ys, published, "published, full scale:\none V100 (Posts), one A100 (sequel)")
     _log_axis(axes[0], [s["time"] for s in published if s])
-    named = [("published (V100)", published, "#555555")]
+    named = [("published (V100; A100 × 26/14.9)", published, "#555555")]
     palette = plt.cm.tab10(np.linspace(0, 1, 10))
     for k, ((scale, device), panel) in enumerate(panels):
         ax = axes[1 + k]

@@ -1,13 +1,14 @@
 """The studies of Posts 5-7, one module each, named as its ``conf/experiment`` file and its
-``experiments/`` folder: ``hparams`` (Post 5), ``weight_decay`` (Post 6), ``batchnorm`` (Post 7).
-Each owns its charts; ``study_charts`` is the one hook the report calls.
+``experiments/`` folder: ``hparams`` (Post 5), ``weight_decay`` (Post 6), ``batchnorm`` (Post 7); and the
+sequel's ``airbench_loo`` (the airbench paper's additivity study). Each owns its charts;
+``study_charts`` is the one hook the report calls.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from ablate.studies import batchnorm, hparams, weight_decay
+from ablate.studies import airbench_loo, batchnorm, hparams, weight_decay
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -27,13 +28,16 @@ def study_charts(runs: pd.DataFrame, out: Path,
         stress = batchnorm_runs[batchnorm_runs.step == "bn_stress"]
         partial = batchnorm_runs[batchnorm_runs.step == "bn_partial"]
         weight_decay_runs = runs[runs["choice.experiment"] == "weight_decay"]
+        loo_runs = runs[runs["choice.experiment"] == airbench_loo.GROUP]
         for subset, plot, name, title in (
                 (stress, batchnorm.plot_bn_stress, "batchnorm_stress.png",
                  "Post 7 stress test: train accuracy vs LR, with and without BN"),
                 (partial, batchnorm.plot_bn_partial, "batchnorm_partial.png",
                  "Post 7 partial training: BN at max LR 5.0 vs no BN at 0.2, after 10 of 20 epochs"),
                 (weight_decay_runs, weight_decay.plot_weight_decay, "weight_decay.png",
-                 "Post 6: weight norms, effective steps and accuracy at equal λα")):
+                 "Post 6: weight norms, effective steps and accuracy at equal λα"),
+                (loo_runs, airbench_loo.plot_additivity, "airbench_loo.png",
+                 "airbench additivity: each feature's reduction in epochs to target, observed and predicted")):
             if len(subset):
                 plt.close(plot(subset, curves, out / name))
                 charts.append((title, name))
