@@ -5,9 +5,10 @@ that names the value at fault; a run that fails midway is recorded as failed, ne
 
 Sweeps (``-m``) run through any Hydra launcher: the basic one (one job after another in this
 process), ``hydra/launcher=joblib`` (parallel worker processes on this machine) or
-``hydra/launcher=submitit_slurm`` / ``submitit_local``. Each job places itself (``place_job``) before
-it touches a device, gets one outcome (completed / skipped / failed, with the kind of failure) and
-never stops the sweep; ``ablate.sweep.SweepCallback`` prints the closing summary.
+``hydra/launcher=submitit_slurm`` / ``submitit_local``. Each job holds its run's lock for its whole
+life (``ablate.sweep.hold_run``), places itself (``place_job``) before it touches a device, gets one
+outcome (completed / skipped / busy / failed, with the kind of failure) and never stops the sweep;
+``ablate.sweep.SweepCallback`` prints the closing summary.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import gc
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hydra
 import torch
@@ -27,8 +28,9 @@ from ablate.compose import CONF_DIR, quote_numeric_choices, register
 from ablate.config import ConfigError
 from ablate.validate import validate
 from ablate.data import DataError
+from ablate.locks import Busy
 from ablate.records import RecordExists, RunRecord, config_key, read_summary
-from ablate.sweep import find_completed, formats_used, place_job, write_outcome
+from ablate.sweep import die_with_launcher, find_completed, formats_used, hold_run, place_job, write_outcome
 from ablate.train import Diverged, train
 
 log = logging.getLogger("ablate")
@@ -90,18 +92,26 @@ def free_device_memory() -> None:
 
 
 def execute(cfg: DictConfig, run_dir: Path, choices: dict | None = None,
-            resume_in: Path | None = None, facts: dict | None = None) -> dict:
+            resume_in: Path | None = None, place: Callable[[], dict] | None = None) -> dict:
     """Validate ``cfg``, train it and keep its records in ``run_dir``; return the summary.
 
     ``choices`` are the config-group options that composed ``cfg`` (kept for the results table).
-    With ``resume_in`` (a sweep directory), a recipe that already completed there is not run again.
-    ``facts`` (how the job was placed: GPU index, threads) go into the summary as they are.
+    The run's lock is held throughout (``hold_run``: ``Busy`` when another live process trains it).
+    With ``resume_in`` (a sweep directory), the recipe's lock there is held too, and a recipe that
+    already completed there is not run again. ``place`` (a sweep job's placement: GPU index,
+    threads) runs once the run is held; what it returns goes into the summary as it is.
     """
     validate(cfg)
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    if resume_in is not None and (done := find_completed(config_key(resolved), resume_in, formats_used(cfg))):
-        log.info("%s seed %d: already completed in %s, not run again", cfg.step.id, cfg.seed, done)
-        return dict(read_summary(done), skipped=True)
+    key = config_key(resolved)
+    with hold_run(run_dir, key, resume_in):
+        if resume_in is not None and (done := find_completed(key, resume_in, formats_used(cfg))):
+            log.info("%s seed %d: already completed in %s, not run again", cfg.step.id, cfg.seed, done)
+            return dict(read_summary(done), skipped=True)
+        return _train_and_record(cfg, run_dir, resolved, choices, place() if place else {})
+
+
+def _train_and_record(cfg: DictConfig, run_dir: Path, resolved: dict, choices: dict | None, facts: dict) -> dict:
     record = RunRecord(run_dir, resolved, choices)
     if facts:
         record.update(**facts)
@@ -143,14 +153,24 @@ def job(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    if sweeping:
+        die_with_launcher()
     choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")}
-    outcome: dict = dict(run_dir=str(run_dir), step=cfg.step.id, arch=cfg.arch.name, seed=cfg.seed)
+    # What names the job in its outcome; a value whose interpolation fails is validate's to report.
+    outcome: dict = dict(run_dir=str(run_dir), **{k: OmegaConf.select(cfg, path, throw_on_resolution_failure=False)
+                                                  for k, path in (("step", "step.id"), ("arch", "arch.name"),
+                                                                  ("seed", "seed"))})
     try:
-        facts = place_job(hydra_cfg, cfg) if sweeping else {}
-        summary = execute(cfg, run_dir, choices, resume_in=run_dir.parent if sweeping else None, facts=facts)
+        summary = execute(cfg, run_dir, choices, resume_in=run_dir.parent if sweeping else None,
+                          place=(lambda: place_job(hydra_cfg, cfg)) if sweeping else None)
         outcome.update(status="skipped" if summary.get("skipped") else "completed",
                        test_acc=summary.get("test_acc"))
         return summary["test_acc"]
+    except Busy as err:  # another live process trains this run: it is left to that one
+        print(f"ablate: {err}", file=sys.stderr)
+        outcome.update(status="busy", error=str(err))
+        if not sweeping:
+            sys.exit(2)
     except (ConfigError, DataError, RecordExists, Diverged) as err:
         print(f"ablate: {err}", file=sys.stderr)  # a message for the user, not a traceback
         outcome.update(status="failed", failure=failure_kind(err), error=str(err))
