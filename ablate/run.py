@@ -9,20 +9,29 @@ process), ``hydra/launcher=joblib`` (parallel worker processes on this machine) 
 life (``ablate.sweep.hold_run``), places itself (``place_job``) before it touches a device, gets one
 outcome (completed / skipped / busy / failed, with the kind of failure) and never stops the sweep;
 ``ablate.sweep.SweepCallback`` prints the closing summary.
+
+Exit status: 0 when everything ran (or was already done), 2 for bad input (a Hydra composition or
+override error, an invalid value, unusable data, an occupied run directory), 1 for a run that failed
+(or a sweep with a failed job).
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import hydra
+import hydra._internal.utils as hydra_utils
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ablate.compose import CONF_DIR, quote_numeric_choices, register
 from ablate.config import ConfigError
@@ -172,7 +181,9 @@ def job(cfg: DictConfig) -> float | None:
         if not sweeping:
             sys.exit(2)
     except (ConfigError, DataError, RecordExists, Diverged) as err:
-        print(f"ablate: {err}", file=sys.stderr)  # a message for the user, not a traceback
+        # A message for the user, not a traceback; a diverged run is named with where it is recorded.
+        print(f"ablate: {cfg.step.id} seed {cfg.seed} diverged ({err}); the run is recorded as failed in {run_dir}"
+              if isinstance(err, Diverged) else f"ablate: {err}", file=sys.stderr)
         outcome.update(status="failed", failure=failure_kind(err), error=str(err))
         if not sweeping:
             sys.exit(1 if isinstance(err, Diverged) else 2)
@@ -198,12 +209,73 @@ def job(cfg: DictConfig) -> float | None:
     return None
 
 
+# Bad input that Hydra meets before (or while) composing a job: unknown config groups and options,
+# keys not in the schema, values of the wrong type, unparsable overrides and failing interpolations
+# (Hydra's and OmegaConf's errors), and what ablate's own sweeper refuses.
+BAD_INPUT = (HydraException, OmegaConfBaseException, ConfigError)
+
+
+def one_line(err: BaseException) -> str:
+    """A Hydra or OmegaConf error as one line: its message and its OmegaConf cause, a list inline
+    after its heading ("Available options in 'step': step0, step1_1, ..."). Left out: where Hydra
+    searched, OmegaConf's object and type details, and Hydra's advice to append with ``+`` (a key
+    outside the schema is refused either way)."""
+    lines: list[str] = []
+    skipping = False
+    for part in (err, err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else None):
+        for raw in str(part or "").splitlines():
+            line = raw.strip().rstrip(".")
+            if raw.startswith("\t") and lines:  # an item of the list that the line before heads
+                if not skipping:
+                    lines[-1] += (" " if lines[-1].endswith(":") else ", ") + line
+                continue
+            skipping = line.startswith("Config search path")
+            if (skipping or not line or line in lines
+                    or line.startswith(("object_type=", "reference_type=", "To append to your config"))):
+                continue
+            lines.append(line)
+    if isinstance(err, OverrideParseException) and err.override not in " ".join(lines):
+        lines.insert(0, f"cannot parse the override {err.override}")  # Hydra's message leaves it out
+    return "; ".join(lines)
+
+
+@contextlib.contextmanager
+def bad_input_exits_2() -> Iterator[None]:
+    """Make Hydra's handler of errors (``run_and_report``, which prints them and exits 1) exit 2,
+    with a one-line message and no traceback, for bad input (``BAD_INPUT``); anything else it
+    handles as before (a traceback, exit 1). Hydra has no setting for its exit status, so its
+    handler is wrapped for the life of the command. HYDRA_FULL_ERROR=1 still shows everything."""
+    original = hydra_utils.run_and_report
+
+    def run_and_report(func: Callable[[], Any]) -> Any:
+        try:
+            return func()
+        except BAD_INPUT as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"ablate: {one_line(err)}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        except Exception as err:
+            return original(lambda: _reraise(err))
+
+    hydra_utils.run_and_report = run_and_report
+    try:
+        yield
+    finally:
+        hydra_utils.run_and_report = original
+
+
+def _reraise(err: BaseException) -> None:
+    raise err
+
+
 def main() -> None:
     """The command line: put ablate's configs in Hydra's store, quote the numeric choices of
     ``sys.argv``, then let Hydra compose and run ``job`` (once, or once per job of a sweep)."""
     register()
     sys.argv[1:] = quote_numeric_choices(sys.argv[1:])
-    job()
+    with bad_input_exits_2():
+        job()
 
 
 if __name__ == "__main__":
