@@ -24,7 +24,8 @@ import yaml  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from ablate.compose import CONF_DIR  # noqa: E402
-from ablate.records import CONFIG, METRICS, SUMMARY, config_key, published_seconds, read_config, read_metrics  # noqa: E402
+from ablate.records import (CONFIG, METRICS, SUMMARY, published_seconds, read_config, read_metrics,  # noqa: E402
+                            recipe_key, record_problems, writable_dir_problem)
 from ablate.charts import runs_with_curves  # noqa: E402
 from ablate.studies import study_charts  # noqa: E402
 
@@ -55,7 +56,7 @@ def _check_numbers(summary: dict) -> None:
 
 def _recipe_key(config: dict) -> str:
     """The config key without the seed: runs that differ only by seed share a recipe."""
-    return config_key(dict(config, seed=0)) if config else ""  # every seed keyed alike
+    return recipe_key(config) if config else ""
 
 
 def _to_target(metrics: list[dict], target: float, prep_seconds: float, timing: str) -> tuple[float, float]:
@@ -114,6 +115,9 @@ def load_runs(root: Path, target: float | None = None) -> tuple[pd.DataFrame, di
             metrics, torn = read_metrics(run_dir)
             if torn:
                 problems.append(f"{run_dir / METRICS}: a torn line was dropped")
+            if inconsistent := record_problems(run_dir, summary, config, metrics):  # warned, left out
+                problems += inconsistent
+                continue
             ref = config.get("step", {}).get("ref", {})
             goal = target if target is not None else config.get("target_acc", 94.0)
             timing = ref.get("timing", "with_eval")
@@ -334,15 +338,29 @@ def write_report(root: Path, out: Path, target: float | None = None) -> dict[str
     return files
 
 
+def _percent(text: str) -> float:
+    """``--target``: a finite percentage, 0 to 100."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 100:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage from 0 to 100")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ablate.report", description=__doc__.split("\n")[0])
     parser.add_argument("runs", type=Path, help="a directory of run records (searched at any depth)")
     parser.add_argument("--out", type=Path, help="where to write the report (default: <runs>/report)")
-    parser.add_argument("--target", type=float, help="accuracy target in percent (default: each run's)")
+    parser.add_argument("--target", type=_percent, help="accuracy target in percent (default: each run's)")
     args = parser.parse_args(argv)
     if not args.runs.is_dir():
         parser.error(f"{args.runs} is not a directory")
-    files = write_report(args.runs, args.out or args.runs / "report", args.target)
+    out = args.out or args.runs / "report"
+    if problem := writable_dir_problem(out):
+        parser.error(f"cannot write the report to {out} ({problem}); choose another with --out")
+    files = write_report(args.runs, out, args.target)
     for name, path in files.items():
         print(f"{name:>14}: {path}")
 
