@@ -39,7 +39,8 @@ from ablate.validate import validate
 from ablate.data import DataError
 from ablate.locks import Busy
 from ablate.records import RecordExists, RunRecord, config_key, read_summary
-from ablate.sweep import die_with_launcher, find_completed, formats_used, hold_run, place_job, write_outcome
+from ablate.lifeline import die_with_launcher
+from ablate.sweep import find_completed, formats_used, hold_run, place_job, write_outcome
 from ablate.train import Diverged, train
 
 log = logging.getLogger("ablate")
@@ -162,7 +163,7 @@ def job(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
-    if sweeping:
+    if sweeping:  # a worker that joblib started without ablate's initializer is tied here
         die_with_launcher()
     choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")}
     # What names the job in its outcome; a value whose interpolation fails is validate's to report.

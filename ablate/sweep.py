@@ -10,31 +10,29 @@
 * Outcomes (``write_outcome``, ``SweepCallback``): each job leaves a one-line outcome in its own sweep
   invocation's ``<sweep dir>/.ablate_jobs/<invocation>/``; the callback prints the closing summary
   of its own jobs and sets the exit status.
-* No orphans (``die_with_launcher``): a job in a worker process of this machine ends with the
-  process that launched the sweep.
+* No orphans (``ablate.lifeline``): the callback ties joblib's workers to the launcher as they
+  start, so that they end with it.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import math
 import os
-import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from ablate.device import cpu_count, resolve_channels_last, resolve_device, resolve_precision
+from ablate.lifeline import LAUNCHER_PID_ENV, tie_joblib_workers
 from ablate.locks import Busy, Lock, holder, is_held, remove_stale_temps, try_lock
 from ablate.records import (SUMMARY, config_key, read_config, read_metrics, read_summary, record_problems,
                             to_json, writable_dir_problem, write_atomic)
@@ -44,7 +42,7 @@ log = logging.getLogger("ablate")
 # <sweep dir>/.ablate_jobs/<invocation>/<job number>.json: what each job of one sweep invocation did.
 # The invocation's name reaches its jobs (other processes, other machines) in the environment.
 JOBS = ".ablate_jobs"
-INVOCATION_ENV, LAUNCHER_PID_ENV = "ABLATE_SWEEP_ID", "ABLATE_SWEEP_PID"
+INVOCATION_ENV = "ABLATE_SWEEP_ID"
 RUN_LOCK = ".lock"  # <run dir>/.lock: held by the process training the run
 RECIPE_LOCKS = ".ablate_locks"  # <sweep dir>/.ablate_locks/<config key>.lock: one training per recipe
 
@@ -299,56 +297,15 @@ def summarise_sweep(sweep_dir: Path, invocation: str) -> tuple[list[str], list[d
     return lines, failed
 
 
-# --------------------------------------------------------------------------------------------------
-# No orphans: a worker process of this machine's launcher ends with it
-
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-_tied_to_launcher = False
-
-
-def _parent_death_signal(sig: int) -> bool:
-    """Ask the Linux kernel to send ``sig`` to this process when its parent dies; False elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def _watch_parent(parent: int, every: float = 1.0) -> None:
-    while os.getppid() == parent:
-        time.sleep(every)
-    os._exit(1)
-
-
-def die_with_launcher() -> None:
-    """End this process when the process that launched the sweep ends, if this is one of its worker
-    processes on this machine (joblib's workers, submitit_local's jobs: their parent is the launcher,
-    ``ABLATE_SWEEP_PID``). Otherwise a SIGKILL of the launcher leaves its workers training with no
-    parent, and a sweep started again meets them in its runs. On Linux the kernel's parent-death
-    signal (SIGKILL) does it; elsewhere a watchdog thread that checks the parent every second. In the
-    launcher itself (the basic launcher) and in SLURM jobs (whose parent is SLURM's) nothing is done:
-    SLURM ends its own jobs' processes."""
-    global _tied_to_launcher
-    launcher = os.environ.get(LAUNCHER_PID_ENV, "")
-    if _tied_to_launcher or not launcher.isdigit() or int(launcher) == os.getpid() or os.getppid() != int(launcher):
-        return
-    _tied_to_launcher = True
-    if not _parent_death_signal(signal.SIGKILL):
-        threading.Thread(target=_watch_parent, args=(int(launcher),), daemon=True, name="ablate-watchdog").start()
-    if os.getppid() != int(launcher):  # the launcher died before the signal was armed
-        os._exit(1)
-
-
 class SweepCallback(Callback):
     """Registered in ``conf/config.yaml`` (``hydra.callbacks``); runs in the process that started Hydra.
 
     * an output directory that cannot be written stops the command with a message, not a traceback;
     * a sweep invocation gets an outcome directory of its own (``start_invocation``), named to its
       jobs in the environment (``ABLATE_SWEEP_ID``, with the launcher's pid ``ABLATE_SWEEP_PID`` for
-      ``die_with_launcher``); the environment is how the name reaches joblib's and submitit's
+      ``ablate.lifeline``); the environment is how the name reaches joblib's and submitit's
       processes and SLURM's jobs (sbatch passes it on by default);
+    * joblib's workers are tied to this process as they start (``lifeline.tie_joblib_workers``);
     * a sweep ends with one line, read from its own jobs' outcomes on disk, whatever the launcher: how
       many jobs completed, failed, were skipped as already completed or were busy (trained by another
       live process meanwhile); the command exits with status 1 when any job failed (the other jobs
@@ -364,6 +321,7 @@ class SweepCallback(Callback):
         self.invocation: str | None = None
         self._lock: Lock | None = None
         self._environ: dict[str, str | None] = {}
+        self._untie: Callable[[], None] = lambda: None
 
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
         self._check(config.hydra.run.dir, "hydra.run.dir")
@@ -373,6 +331,7 @@ class SweepCallback(Callback):
         self.invocation, self._lock = start_invocation(Path(str(config.hydra.sweep.dir)))
         self._environ = {k: os.environ.get(k) for k in (INVOCATION_ENV, LAUNCHER_PID_ENV)}
         os.environ.update({INVOCATION_ENV: self.invocation, LAUNCHER_PID_ENV: str(os.getpid())})
+        self._untie = tie_joblib_workers()
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -384,6 +343,7 @@ class SweepCallback(Callback):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        self._untie()
         if self._lock is not None:
             self._lock.release()
         if any(o.get("failure") not in self.tolerate for o in failed):

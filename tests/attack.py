@@ -231,6 +231,7 @@ def kill_trials(base: Path, trials: int, rng: random.Random, seeds: str = "0,1,2
     """SIGKILL the main process of a joblib sweep at a random moment; a few seconds later no worker
     may be left; the sweep started again at once must complete every run, each trained once."""
     counts = Counts()
+    base.mkdir(parents=True, exist_ok=True)
     jobs = [[*STEP, f"seed={s}"] for s in seeds.split(",")]
     expected = expected_keys(jobs)
     for trial in range(trials):
@@ -271,6 +272,7 @@ def kill_trials(base: Path, trials: int, rng: random.Random, seeds: str = "0,1,2
 def concurrent_cases(base: Path) -> Counts:
     """Sweeps started together into one directory; every run trained once, in its own directory."""
     counts = Counts()
+    base.mkdir(parents=True, exist_ok=True)
     cases: list[tuple[str, list[list[str]], bool]] = [
         ("identical", [[*STEP, "seed=0,1,2"], [*STEP, "seed=0,1,2"]], False),
         ("two_recipes", [[*STEP, "seed=0,1,2"], [*STEP, "tta=flip", "seed=0,1,2"]], False),

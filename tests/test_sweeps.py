@@ -117,6 +117,28 @@ def test_sigkill_of_a_joblib_sweeps_main_process_leaves_no_worker_and_the_rerun_
     assert f"4 jobs: {4 - n_skipped} completed, 0 failed, {n_skipped} skipped (already completed), 0 busy" in out.stdout
 
 
+def test_joblib_workers_are_tied_to_the_launcher_as_they_start():
+    """Before any job reaches them (an idle worker outlived a killed launcher forever): the loky
+    backend's initializer ties each worker to this process; undone, new workers are not tied."""
+    import joblib
+
+    from ablate.lifeline import tie_joblib_workers
+
+    def tied():
+        import ablate.lifeline
+
+        return ablate.lifeline._tied
+    undo = tie_joblib_workers()
+    try:
+        assert joblib.Parallel(n_jobs=2, backend="loky")(joblib.delayed(tied)() for _ in range(2)) == [True, True]
+    finally:
+        undo()
+    from joblib.externals.loky import get_reusable_executor
+    get_reusable_executor().shutdown(wait=True)  # the next executor starts new workers
+    assert joblib.Parallel(n_jobs=2, backend="loky")(joblib.delayed(tied)() for _ in range(2)) == [False, False]
+    get_reusable_executor().shutdown(wait=True)
+
+
 def test_concurrent_sweeps_into_one_directory_train_every_run_once_each_recipe_in_its_own_directory(tmp_path):
     """Three sweeps started together into one directory: the same sweep twice, and another recipe
     (flip TTA) with the same step and seeds. Each run is trained once, in a directory named for its
