@@ -226,14 +226,33 @@ def kill_orphans(pids: set[int]) -> int:
 # The attack's parts
 
 
-def kill_trials(base: Path, trials: int, rng: random.Random, seeds: str = "0,1,2,3",
-                latest: float = 30.0) -> Counts:
-    """SIGKILL the main process of a joblib sweep at a random moment; a few seconds later no worker
-    may be left; the sweep started again at once must complete every run, each trained once."""
+def _statuses(sweep: Path) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for path in sweep.glob("*/summary.json"):
+        try:
+            status = json.loads(path.read_text()).get("status", "?")
+        except (OSError, ValueError):
+            status = "unreadable"
+        found[status] = found.get(status, 0) + 1
+    return found
+
+
+def kill_trials(base: Path, trials: int, rng: random.Random, seeds: str = "0,1,2,3") -> Counts:
+    """SIGKILL the main process of a joblib sweep at a random moment of its life (uniform over the
+    duration of one whole sweep, measured first on this machine); a few seconds later no worker may
+    be left; the sweep started again at once must complete every run, each trained once."""
     counts = Counts()
     base.mkdir(parents=True, exist_ok=True)
     jobs = [[*STEP, f"seed={s}"] for s in seeds.split(",")]
     expected = expected_keys(jobs)
+    t0 = time.time()
+    whole = subprocess.run(sweep_command(*STEP, f"seed={seeds}", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                                         f"hydra.sweep.dir={base / 'whole'}"), cwd=REPO, env=_env(),
+                           capture_output=True, text=True, timeout=900)
+    latest = time.time() - t0
+    _tracebacks(whole.stdout + whole.stderr, "the whole sweep", counts)
+    counts.add(audit(base / "whole", expected))
+    print(f"  one whole sweep: {latest:.1f} s, exit {whole.returncode}; kills fall in 1..{latest:.0f} s", flush=True)
     for trial in range(trials):
         sweep = base / f"kill{trial}"
         args = [*STEP, f"seed={seeds}", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"]
@@ -248,6 +267,7 @@ def kill_trials(base: Path, trials: int, rng: random.Random, seeds: str = "0,1,2
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)  # the main process only: its workers are on their own
         proc.wait()
+        at_kill = _statuses(sweep) if sweep.is_dir() else {}
         time.sleep(ORPHAN_GRACE)
         orphans = kill_orphans(tree)
         counts.orphans += orphans
@@ -264,8 +284,8 @@ def kill_trials(base: Path, trials: int, rng: random.Random, seeds: str = "0,1,2
             counts.closing_lines_wrong += 1
             counts.notes.append(f"trial {trial} (killed at {at:.1f} s): re-run exit {again.returncode}, line {line}")
         counts.add(audit(sweep, expected))
-        print(f"  kill trial {trial}: killed at {at:.1f} s, {len(tree)} processes, {orphans} orphans, re-run {line}",
-              flush=True)
+        print(f"  kill trial {trial}: killed at {at:.1f} s (runs then: {at_kill or 'none'}), {len(tree)} processes, "
+              f"{orphans} orphans; re-run {line}", flush=True)
     return counts
 
 
