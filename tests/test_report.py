@@ -212,26 +212,3 @@ def test_contended_cpu_runs_are_flagged_and_left_out_of_the_times(tmp_path):
     row = aggregate(runs.reset_index()).iloc[0]
     assert row.n == 2 and row.train_s == pytest.approx(10.0) and "1/2 contended" in row.timing_note
 
-
-def test_the_report_leaves_out_records_of_two_recipes_or_two_trainings(tmp_path):
-    """One directory holds a tta=off config with the tta=on recipe's summary; another has metrics of
-    two trainings interleaved. Both are warned about by path and left out; a sweep does not take
-    them for completed either."""
-    from ablate.records import config_key, read_config
-    from ablate.sweep import find_completed
-
-    runs = tmp_path / "runs"
-    good, mixed, twice = (_record(runs, name, seed=seed) for seed, name in enumerate(("good", "mixed", "twice")))
-    for run in (good, mixed, twice):
-        summary = json.loads((run / "summary.json").read_text())
-        config = read_config(run)
-        key = config_key(dict(config, tta={"flip": True}) if run == mixed else config)
-        (run / "summary.json").write_text(json.dumps(dict(summary, config_key=key)))
-    rows = (twice / "metrics.jsonl").read_text().splitlines()
-    (twice / "metrics.jsonl").write_text("\n".join([rows[0], rows[0], rows[1], rows[1]]) + "\n")
-    table, _, problems = load_runs(runs)
-    assert list(table.run) == ["good"]
-    assert [p.split(":")[0] for p in problems] == [str(mixed / "summary.json"), str(twice / "metrics.jsonl")]
-    assert "two recipes shared this directory" in problems[0] and "epochs [1, 1, 2, 2]" in problems[1]
-    assert find_completed(config_key(read_config(mixed)), runs) is None
-    assert find_completed(config_key(read_config(good)), runs) == good
