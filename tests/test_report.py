@@ -211,4 +211,3 @@ def test_contended_cpu_runs_are_flagged_and_left_out_of_the_times(tmp_path):
     assert (runs.loc["clean", "timing_note"], runs.loc["busy", "timing_note"]) == ("", "contended")
     row = aggregate(runs.reset_index()).iloc[0]
     assert row.n == 2 and row.train_s == pytest.approx(10.0) and "1/2 contended" in row.timing_note
-
