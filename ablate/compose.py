@@ -4,6 +4,11 @@
 same way: the typed schema (``ablate.config``), one ``arch`` option per registered network (the
 registry is the source of the names) and the Post 5 coordinate-descent sweeper, put into the store
 by ``register`` (once; it is idempotent), and batch sizes quoted as Hydra needs them.
+
+The resolver ``${ablate.recipe:}`` (registered on import, so that every process resolving a sweep's
+subdirectory has it: joblib's and submitit's workers import this module with the job) gives a job's
+short recipe key, which names its sweep subdirectory (conf/config.yaml): different recipes never
+share a directory, whatever their step and seed.
 """
 from __future__ import annotations
 
@@ -13,13 +18,30 @@ from pathlib import Path
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 NUMERIC_GROUPS = ("batch_size",)
 _NUMERIC_CHOICE = re.compile(r"^(\+{0,2}(%s))=(\d+(,\d+)*)$" % "|".join(NUMERIC_GROUPS))
 _registered = False
+UNRESOLVED_KEY = "unresolved"  # the recipe key of a job whose config does not resolve (validate says why)
+
+
+def recipe_dir_key(*, _root_: DictConfig) -> str:
+    """``${ablate.recipe:}``: the first characters of the job's recipe key (``records.recipe_key``,
+    the seed left out), computed from the job's resolved config without its ``hydra`` node."""
+    from ablate.records import DIR_KEY_CHARS, recipe_key
+
+    try:
+        config = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v
+                  for k in _root_.keys() if k != "hydra" for v in [_root_[k]]}
+        return recipe_key(config)[:DIR_KEY_CHARS]
+    except Exception:  # a failing interpolation: the job itself reports it, before it writes anything
+        return UNRESOLVED_KEY
+
+
+OmegaConf.register_new_resolver("ablate.recipe", recipe_dir_key, replace=True)
 
 
 def quote_numeric_choices(overrides: list[str]) -> list[str]:

@@ -89,6 +89,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_problem(name: str) -> str | None:
+    """Why ``device=<name>`` cannot run here (a string torch does not parse, a backend with no device
+    on this machine, a GPU index beyond the GPUs present), or None when it can."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        return (f"device={name!r} is not a device ({str(err).splitlines()[0][:80]}...); use auto, cpu, "
+                "cuda or cuda:<index>")
+    if device.type == "cpu":
+        return None
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
+        return f"device={name!r}, but this machine has no {device.type} device; use device=auto or device=cpu"
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and callable(count) and device.index >= count():
+        return f"device={name!r}, but this machine has {count()} {device.type} device(s) (indices from 0)"
+    return None
+
+
 def cuda_has_fast_bf16(device: torch.device) -> bool:
     """bf16 tensor cores arrived with compute capability 8 (A100, RTX 30xx). ``is_bf16_supported``
     says True on a V100 or T4 too, where bf16 runs without them, slower than fp16."""

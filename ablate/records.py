@@ -6,45 +6,96 @@
                    replaced atomically so a reader never sees half a file
 
 A run killed outright (SIGKILL, a lost node) leaves ``status: running``; a sweep started again runs
-it afresh. A failed run says why in ``failure`` ('error', 'diverged', 'out_of_memory', 'data', ...)
+it afresh. JSON is strict (``to_json``): a value that is not a finite number is written as null.
+``record_problems`` says when a directory's files do not belong to one training of one recipe. A failed run says why in ``failure`` ('error', 'diverged', 'out_of_memory', 'data', ...)
 and ``error``. Sweeps (job outcomes, the closing summary, resume lookups) are ``ablate.sweep``'s.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
 import json
+import math
 import os
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 import yaml
 
+from ablate.locks import TMP_SUFFIX
+
 SUMMARY, METRICS, CONFIG = "summary.json", "metrics.jsonl", "config.yaml"
+FILE_MODE = 0o644  # records, configs and caches: as readable as the data they describe
 
 # Keys that do not change what a run computes; they are left out of the config key. The data cache's
 # location (ABLATE_CACHE) differs between machines and CI clones that compute the same run.
 _NOT_IN_KEY = ("progress", "data.cache_dir")
+# The rules of earlier commits, under which committed summaries recorded their key: before 0c28bbc
+# only ``progress`` was left out (see ``recorded_keys``).
+_EARLIER_NOT_IN_KEY = (("progress",),)
+DIR_KEY_CHARS = 8  # the recipe key in a sweep subdirectory's name (conf/config.yaml)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: all or nothing."""
+@contextlib.contextmanager
+def atomic_file(path: Path, binary: bool = False) -> Iterator[IO]:
+    """A file that appears at ``path`` whole or not at all: written to a temporary file beside it
+    (``.<name>.<random>.tmp``), synced, made ``FILE_MODE`` and renamed over ``path``. A writer killed
+    midway leaves only the temporary file, which the next holder of the directory's lock removes
+    (``ablate.locks.remove_stale_temps``)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        os.fchmod(fd, FILE_MODE)  # mkstemp makes it private (0600)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` all or nothing (``atomic_file``)."""
+    with atomic_file(path) as f:
+        f.write(text)
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every float that is not finite (NaN, inf) replaced by None, in nested dicts
+    and lists: an unknown number is null in JSON, which strict parsers read (a bare NaN they refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def to_json(value: Any, **kwargs: Any) -> str:
+    """Strict JSON of ``value`` (``finite``, then ``allow_nan=False``); other objects as their str."""
+    return json.dumps(finite(value), allow_nan=False, default=str, **kwargs)
+
+
+def writable_dir_problem(path: Path) -> str | None:
+    """Why ``path`` cannot serve as an output directory (created if need be), or None when it can."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".ablate-write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return f"{type(err).__name__}: {err.strerror or err}"
+    return None
 
 
 def with_current_defaults(config: dict) -> dict:
@@ -62,10 +113,9 @@ def with_current_defaults(config: dict) -> dict:
         return config
 
 
-def config_key(config: dict) -> str:
-    """A short hash of what a run computes: equal keys mean the same recipe, scale and seed."""
-    kept = copy.deepcopy(with_current_defaults(config))  # never edit the caller's config
-    for dotted in _NOT_IN_KEY:
+def _digest(config: dict, not_in_key: tuple[str, ...]) -> str:
+    kept = copy.deepcopy(config)  # never edit the caller's config
+    for dotted in not_in_key:
         *parents, leaf = dotted.split(".")
         node = kept
         for key in parents:
@@ -73,6 +123,46 @@ def config_key(config: dict) -> str:
         if isinstance(node, dict):
             node.pop(leaf, None)
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_key(config: dict) -> str:
+    """A short hash of what a run computes: equal keys mean the same recipe, scale and seed."""
+    return _digest(with_current_defaults(config), _NOT_IN_KEY)
+
+
+def recipe_key(config: dict) -> str:
+    """The config key without the seed: runs that differ only by seed share a recipe."""
+    return config_key(dict(config, seed=0))  # every seed keyed alike
+
+
+def recorded_keys(config: dict) -> set[str]:
+    """Every key a summary written for this config may carry: today's ``config_key``, and the hash
+    of the config exactly as written under today's and each earlier rule of what stays out of the
+    key (a record written before a schema field or a rule was added hashed what it had then)."""
+    return {config_key(config)} | {_digest(config, rule) for rule in (_NOT_IN_KEY, *_EARLIER_NOT_IN_KEY)}
+
+
+def record_problems(run_dir: Path, summary: dict, config: dict | None, metrics: list[dict]) -> list[str]:
+    """Why a run directory does not hold one training of one recipe, one message per problem naming
+    the file at fault; empty when it does:
+
+    * ``summary.json`` carries a config key that ``config.yaml`` does not have (``recorded_keys``):
+      two recipes wrote into one directory and the results would be filed under the wrong one;
+    * ``metrics.jsonl`` does not hold epochs 1..N in order: two trainings appended to it.
+
+    Records too old to carry a key, and a missing config (reported by its reader), are not judged."""
+    run_dir = Path(run_dir)
+    problems = []
+    key = summary.get("config_key")
+    if key and config and key not in recorded_keys(config):
+        problems.append(f"{run_dir / SUMMARY}: written for config key {key}, but {run_dir / CONFIG} has key "
+                        f"{config_key(config)} (two recipes shared this directory); the run is left out")
+    epochs = [row.get("epoch") for row in metrics]
+    if epochs != list(range(1, len(epochs) + 1)):
+        shown = epochs if len(epochs) <= 20 else epochs[:10] + ["..."] + epochs[-5:]
+        problems.append(f"{run_dir / METRICS}: epochs {shown} are not 1..{len(epochs)} in order (more than one "
+                        "training wrote it); the run is left out")
+    return problems
 
 
 TIMINGS = ("with_eval", "train_only", "train_tta")  # step.ref.timing: the published conventions (published_seconds)
@@ -142,7 +232,8 @@ class RecordExists(RuntimeError):
 
 
 class RunRecord:
-    """Writes one run's directory as the run goes; nothing finished is ever rewritten."""
+    """Writes one run's directory as the run goes; nothing finished is ever rewritten. The caller
+    holds the run's lock (``ablate.sweep.hold_run``), so no other process writes here meanwhile."""
 
     def __init__(self, run_dir: Path, config: dict, choices: dict | None = None) -> None:
         self.dir = Path(run_dir)
@@ -155,7 +246,11 @@ class RunRecord:
         self.config = config
         self.started = time.time()
         write_atomic(self.dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
-        (self.dir / METRICS).unlink(missing_ok=True)  # a re-run of an unfinished job starts afresh
+        # A re-run of an unfinished job starts afresh, in a file of its own: the old one is unlinked
+        # and the new one stays open, so a writer that still held the old one can only reach that.
+        (self.dir / METRICS).unlink(missing_ok=True)
+        self._metrics = os.fdopen(os.open(self.dir / METRICS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE), "a")
+        os.fchmod(self._metrics.fileno(), FILE_MODE)  # whatever the umask
         self.summary: dict[str, Any] = {
             "status": "running",
             "step": config["step"]["id"],
@@ -174,10 +269,9 @@ class RunRecord:
 
     def epoch(self, row: dict) -> None:
         """Append one epoch's metrics, flushed to disk before training goes on."""
-        with open(self.dir / METRICS, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self._metrics.write(to_json(row) + "\n")
+        self._metrics.flush()
+        os.fsync(self._metrics.fileno())
 
     def update(self, **fields: Any) -> None:
         self.summary.update(fields)
@@ -187,10 +281,11 @@ class RunRecord:
         self.summary.update(fields, status=status, finished=_iso(time.time()),
                             wall_seconds=round(time.time() - self.started, 3))
         self._write_summary()
+        self._metrics.close()
         return self.summary
 
     def _write_summary(self) -> None:
-        write_atomic(self.dir / SUMMARY, json.dumps(self.summary, indent=2, default=str) + "\n")
+        write_atomic(self.dir / SUMMARY, to_json(self.summary, indent=2) + "\n")
 
 
 def read_summary(run_dir: Path) -> dict | None:

@@ -5,30 +5,42 @@ that names the value at fault; a run that fails midway is recorded as failed, ne
 
 Sweeps (``-m``) run through any Hydra launcher: the basic one (one job after another in this
 process), ``hydra/launcher=joblib`` (parallel worker processes on this machine) or
-``hydra/launcher=submitit_slurm`` / ``submitit_local``. Each job places itself (``place_job``) before
-it touches a device, gets one outcome (completed / skipped / failed, with the kind of failure) and
-never stops the sweep; ``ablate.sweep.SweepCallback`` prints the closing summary.
+``hydra/launcher=submitit_slurm`` / ``submitit_local``. Each job holds its run's lock for its whole
+life (``ablate.sweep.hold_run``), places itself (``place_job``) before it touches a device, gets one
+outcome (completed / skipped / busy / failed, with the kind of failure) and never stops the sweep;
+``ablate.sweep.SweepCallback`` prints the closing summary.
+
+Exit status: 0 when everything ran (or was already done), 2 for bad input (a Hydra composition or
+override error, an invalid value, unusable data, an occupied run directory), 1 for a run that failed
+(or a sweep with a failed job).
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import hydra
+import hydra._internal.utils as hydra_utils
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ablate.compose import CONF_DIR, quote_numeric_choices, register
 from ablate.config import ConfigError
 from ablate.validate import validate
 from ablate.data import DataError
+from ablate.locks import Busy
 from ablate.records import RecordExists, RunRecord, config_key, read_summary
-from ablate.sweep import find_completed, formats_used, place_job, write_outcome
+from ablate.lifeline import die_with_launcher
+from ablate.sweep import find_completed, formats_used, hold_run, place_job, write_outcome
 from ablate.train import Diverged, train
 
 log = logging.getLogger("ablate")
@@ -90,18 +102,26 @@ def free_device_memory() -> None:
 
 
 def execute(cfg: DictConfig, run_dir: Path, choices: dict | None = None,
-            resume_in: Path | None = None, facts: dict | None = None) -> dict:
+            resume_in: Path | None = None, place: Callable[[], dict] | None = None) -> dict:
     """Validate ``cfg``, train it and keep its records in ``run_dir``; return the summary.
 
     ``choices`` are the config-group options that composed ``cfg`` (kept for the results table).
-    With ``resume_in`` (a sweep directory), a recipe that already completed there is not run again.
-    ``facts`` (how the job was placed: GPU index, threads) go into the summary as they are.
+    The run's lock is held throughout (``hold_run``: ``Busy`` when another live process trains it).
+    With ``resume_in`` (a sweep directory), the recipe's lock there is held too, and a recipe that
+    already completed there is not run again. ``place`` (a sweep job's placement: GPU index,
+    threads) runs once the run is held; what it returns goes into the summary as it is.
     """
     validate(cfg)
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    if resume_in is not None and (done := find_completed(config_key(resolved), resume_in, formats_used(cfg))):
-        log.info("%s seed %d: already completed in %s, not run again", cfg.step.id, cfg.seed, done)
-        return dict(read_summary(done), skipped=True)
+    key = config_key(resolved)
+    with hold_run(run_dir, key, resume_in):
+        if resume_in is not None and (done := find_completed(key, resume_in, formats_used(cfg))):
+            log.info("%s seed %d: already completed in %s, not run again", cfg.step.id, cfg.seed, done)
+            return dict(read_summary(done), skipped=True)
+        return _train_and_record(cfg, run_dir, resolved, choices, place() if place else {})
+
+
+def _train_and_record(cfg: DictConfig, run_dir: Path, resolved: dict, choices: dict | None, facts: dict) -> dict:
     record = RunRecord(run_dir, resolved, choices)
     if facts:
         record.update(**facts)
@@ -143,16 +163,28 @@ def job(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    if sweeping:  # a worker that joblib started without ablate's initializer is tied here
+        die_with_launcher()
     choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")}
-    outcome: dict = dict(run_dir=str(run_dir), step=cfg.step.id, arch=cfg.arch.name, seed=cfg.seed)
+    # What names the job in its outcome; a value whose interpolation fails is validate's to report.
+    outcome: dict = dict(run_dir=str(run_dir), **{k: OmegaConf.select(cfg, path, throw_on_resolution_failure=False)
+                                                  for k, path in (("step", "step.id"), ("arch", "arch.name"),
+                                                                  ("seed", "seed"))})
     try:
-        facts = place_job(hydra_cfg, cfg) if sweeping else {}
-        summary = execute(cfg, run_dir, choices, resume_in=run_dir.parent if sweeping else None, facts=facts)
+        summary = execute(cfg, run_dir, choices, resume_in=run_dir.parent if sweeping else None,
+                          place=(lambda: place_job(hydra_cfg, cfg)) if sweeping else None)
         outcome.update(status="skipped" if summary.get("skipped") else "completed",
                        test_acc=summary.get("test_acc"))
         return summary["test_acc"]
+    except Busy as err:  # another live process trains this run: it is left to that one
+        print(f"ablate: {err}", file=sys.stderr)
+        outcome.update(status="busy", error=str(err))
+        if not sweeping:
+            sys.exit(2)
     except (ConfigError, DataError, RecordExists, Diverged) as err:
-        print(f"ablate: {err}", file=sys.stderr)  # a message for the user, not a traceback
+        # A message for the user, not a traceback; a diverged run is named with where it is recorded.
+        print(f"ablate: {cfg.step.id} seed {cfg.seed} diverged ({err}); the run is recorded as failed in {run_dir}"
+              if isinstance(err, Diverged) else f"ablate: {err}", file=sys.stderr)
         outcome.update(status="failed", failure=failure_kind(err), error=str(err))
         if not sweeping:
             sys.exit(1 if isinstance(err, Diverged) else 2)
@@ -178,12 +210,73 @@ def job(cfg: DictConfig) -> float | None:
     return None
 
 
+# Bad input that Hydra meets before (or while) composing a job: unknown config groups and options,
+# keys not in the schema, values of the wrong type, unparsable overrides and failing interpolations
+# (Hydra's and OmegaConf's errors), and what ablate's own sweeper refuses.
+BAD_INPUT = (HydraException, OmegaConfBaseException, ConfigError)
+
+
+def one_line(err: BaseException) -> str:
+    """A Hydra or OmegaConf error as one line: its message and its OmegaConf cause, a list inline
+    after its heading ("Available options in 'step': step0, step1_1, ..."). Left out: where Hydra
+    searched, OmegaConf's object and type details, and Hydra's advice to append with ``+`` (a key
+    outside the schema is refused either way)."""
+    lines: list[str] = []
+    skipping = False
+    for part in (err, err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else None):
+        for raw in str(part or "").splitlines():
+            line = raw.strip().rstrip(".")
+            if raw.startswith("\t") and lines:  # an item of the list that the line before heads
+                if not skipping:
+                    lines[-1] += (" " if lines[-1].endswith(":") else ", ") + line
+                continue
+            skipping = line.startswith("Config search path")
+            if (skipping or not line or line in lines
+                    or line.startswith(("object_type=", "reference_type=", "To append to your config"))):
+                continue
+            lines.append(line)
+    if isinstance(err, OverrideParseException) and err.override not in " ".join(lines):
+        lines.insert(0, f"cannot parse the override {err.override}")  # Hydra's message leaves it out
+    return "; ".join(lines)
+
+
+@contextlib.contextmanager
+def bad_input_exits_2() -> Iterator[None]:
+    """Make Hydra's handler of errors (``run_and_report``, which prints them and exits 1) exit 2,
+    with a one-line message and no traceback, for bad input (``BAD_INPUT``); anything else it
+    handles as before (a traceback, exit 1). Hydra has no setting for its exit status, so its
+    handler is wrapped for the life of the command. HYDRA_FULL_ERROR=1 still shows everything."""
+    original = hydra_utils.run_and_report
+
+    def run_and_report(func: Callable[[], Any]) -> Any:
+        try:
+            return func()
+        except BAD_INPUT as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"ablate: {one_line(err)}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        except Exception as err:
+            return original(lambda: _reraise(err))
+
+    hydra_utils.run_and_report = run_and_report
+    try:
+        yield
+    finally:
+        hydra_utils.run_and_report = original
+
+
+def _reraise(err: BaseException) -> None:
+    raise err
+
+
 def main() -> None:
     """The command line: put ablate's configs in Hydra's store, quote the numeric choices of
     ``sys.argv``, then let Hydra compose and run ``job`` (once, or once per job of a sweep)."""
     register()
     sys.argv[1:] = quote_numeric_choices(sys.argv[1:])
-    job()
+    with bad_input_exits_2():
+        job()
 
 
 if __name__ == "__main__":

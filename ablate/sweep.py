@@ -2,32 +2,49 @@
 
 * Job placement (``place_job``): a job of a parallel sweep takes its share of the CPU threads and
   claims a GPU of its own when it can, and its record says when a GPU was shared.
+* One training per run (``hold_run``): a job holds its run directory's lock and, in a sweep, its
+  recipe's lock for its whole life, and asks under them whether the recipe already completed; a run
+  held by another live process is ``busy`` and left to it.
 * Resume (``find_completed``): a recipe that already completed in the sweep directory, in the same
   precision and layout, is not run again.
-* Outcomes (``write_outcome``, ``SweepCallback``): each job leaves a one-line outcome in
-  ``<sweep dir>/.ablate_jobs/``; the callback prints the closing summary and sets the exit status.
+* Outcomes (``write_outcome``, ``SweepCallback``): each job leaves a one-line outcome in its own sweep
+  invocation's ``<sweep dir>/.ablate_jobs/<invocation>/``; the callback prints the closing summary
+  of its own jobs and sets the exit status.
+* No orphans (``ablate.lifeline``): the callback ties joblib's workers to the launcher as they
+  start, so that they end with it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from ablate.device import cpu_count, resolve_channels_last, resolve_device, resolve_precision
-from ablate.records import SUMMARY, config_key, read_config, read_summary, write_atomic
+from ablate.lifeline import LAUNCHER_PID_ENV, tie_joblib_workers
+from ablate.locks import Busy, Lock, holder, is_held, remove_stale_temps, try_lock
+from ablate.records import (SUMMARY, config_key, read_config, read_metrics, read_summary, record_problems,
+                            to_json, writable_dir_problem, write_atomic)
 
 log = logging.getLogger("ablate")
 
-JOBS = ".ablate_jobs"  # <sweep dir>/.ablate_jobs/<job number>.json: what each job of this invocation did
+# <sweep dir>/.ablate_jobs/<invocation>/<job number>.json: what each job of one sweep invocation did.
+# The invocation's name reaches its jobs (other processes, other machines) in the environment.
+JOBS = ".ablate_jobs"
+INVOCATION_ENV = "ABLATE_SWEEP_ID"
+RUN_LOCK = ".lock"  # <run dir>/.lock: held by the process training the run
+RECIPE_LOCKS = ".ablate_locks"  # <sweep dir>/.ablate_locks/<config key>.lock: one training per recipe
 
 
 # --------------------------------------------------------------------------------------------------
@@ -63,7 +80,10 @@ def _completed_key(summary_path: Path) -> tuple[str, dict] | None:
         return cached[1]
     summary, config = read_summary(summary_path.parent), read_config(summary_path.parent)
     done = None
-    if summary and summary.get("status") == "completed" and config:
+    # A directory whose files disagree (a summary of another recipe, metrics of two trainings) is
+    # not taken for a completed run of either: the report leaves it out too.
+    if (summary and summary.get("status") == "completed" and config
+            and not record_problems(summary_path.parent, summary, config, read_metrics(summary_path.parent)[0])):
         # The key is recomputed from the recorded config: records older than a schema field match.
         done = (config_key(config), _recorded_formats(summary, config))
     _completed_cache[summary_path] = (stamp, done)
@@ -83,6 +103,35 @@ def find_completed(key: str, sweep_dir: Path, formats: dict | None = None) -> Pa
 
 
 # --------------------------------------------------------------------------------------------------
+# One training per run
+
+
+@contextlib.contextmanager
+def hold_run(run_dir: Path, key: str | None = None, sweep_dir: Path | None = None) -> Iterator[Lock]:
+    """Hold the run's lock (``<run dir>/.lock``) and, with ``sweep_dir`` and ``key``, the recipe's
+    lock in the sweep directory (``.ablate_locks/<config key>.lock``) while the block runs. Raises
+    ``Busy`` naming the holder when another live process holds either: the run directory (two jobs of
+    one name, say two identical sweeps), or the recipe (two sweeps that number the same recipe and
+    seed differently, so that it lands in two directories). The kernel drops both locks when the
+    process ends, however it ends. Holding them, the caller asks whether the recipe already completed,
+    and temporary files a killed writer left in the run directory are removed on entry."""
+    run_dir = Path(run_dir)
+    paths = [run_dir / RUN_LOCK]
+    if sweep_dir is not None and key:
+        paths.append(Path(sweep_dir) / RECIPE_LOCKS / f"{key}.lock")
+    with contextlib.ExitStack() as stack:
+        held = []
+        for path in paths:
+            lock = try_lock(path)
+            if lock is None:
+                what = run_dir if path.parent == run_dir else f"the recipe of {run_dir} (config key {key})"
+                raise Busy(f"{what} is being trained by {holder(path)} (lock {path}); it is not trained twice")
+            held.append(stack.enter_context(lock))
+        remove_stale_temps(run_dir, before=held[0].since)
+        yield held[0]
+
+
+# --------------------------------------------------------------------------------------------------
 # Job placement: which GPU and how many CPU threads a sweep job gets
 
 
@@ -93,7 +142,7 @@ def joblib_jobs(n_jobs: int | None, cpus: int) -> int:
     return n_jobs if n_jobs > 0 else max(1, cpus + 1 + n_jobs)
 
 
-_claimed_gpu: tuple[int, object] | None = None  # (index, locked file) held for this process's life
+_claimed_gpu: tuple[int, Lock] | None = None  # (index, its lock) held for this process's life
 
 
 def claim_gpu(n_gpus: int, preferred: int, lock_dir: Path | None = None) -> tuple[int, bool]:
@@ -109,10 +158,6 @@ def claim_gpu(n_gpus: int, preferred: int, lock_dir: Path | None = None) -> tupl
     global _claimed_gpu
     if _claimed_gpu is not None and _claimed_gpu[0] < n_gpus:
         return _claimed_gpu[0], True
-    try:
-        import fcntl
-    except ImportError:  # not on a POSIX system: job number modulo the GPU count
-        return preferred % n_gpus, False
     lock_dir = lock_dir or Path(tempfile.gettempdir()) / f"ablate-gpu-locks-{os.getuid()}"
     # Named by the physical GPU where CUDA_VISIBLE_DEVICES says which, so processes that see
     # different subsets of the machine's GPUs still agree on what is taken.
@@ -120,18 +165,14 @@ def claim_gpu(n_gpus: int, preferred: int, lock_dir: Path | None = None) -> tupl
     for i in range(n_gpus):
         k = (preferred + i) % n_gpus
         try:
-            lock_dir.mkdir(parents=True, exist_ok=True)
-            handle = open(lock_dir / f"gpu-{visible[k] if k < len(visible) else k}.lock", "a")
+            lock = try_lock(lock_dir / f"gpu-{visible[k] if k < len(visible) else k}.lock")
         except OSError as err:  # no lock directory: placement by job number, never a failed job
             log.warning("cannot use GPU lock files in %s (%s); job placed on GPU %d by its number",
                         lock_dir, err, preferred % n_gpus)
             return preferred % n_gpus, False
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.close()
+        if lock is None:
             continue
-        _claimed_gpu = (k, handle)
+        _claimed_gpu = (k, lock)
         return k, True
     log.warning("all %d GPUs are held by other ablate processes: this job shares GPU %d, so its seconds "
                 "are not an exclusive timing (run fewer parallel jobs, e.g. hydra.launcher.n_jobs=%d)",
@@ -182,25 +223,42 @@ def place_job(hydra_cfg: DictConfig, cfg: DictConfig) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 # Sweeps: job outcomes and the closing summary. Jobs may run in other processes or on other machines
-# (joblib, submitit), so they report through files in the sweep directory, never through memory.
+# (joblib, submitit), so they report through files in the sweep directory, never through memory. Each
+# invocation of a sweep has a directory of its own, so sweeps sharing a sweep directory (one after
+# another, or at once) never clear or overwrite each other's outcomes; the records stay the truth.
 
 
-def write_outcome(sweep_dir: Path, job: int, outcome: dict) -> None:
-    """Record what job ``job`` of the current sweep invocation did (completed, skipped or failed)."""
+def start_invocation(sweep_dir: Path) -> tuple[str, Lock]:
+    """A new outcome directory ``<sweep dir>/.ablate_jobs/<name>/`` for one sweep invocation, and the
+    lock that marks it as live for the invocation's life. Temporary files that dead invocations left
+    (their lock is free) and that are older than this one are removed."""
     jobs = Path(sweep_dir) / JOBS
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
+    lock = try_lock(jobs / name / RUN_LOCK)
+    assert lock is not None, "a fresh invocation directory cannot be locked already"
+    for other in [jobs, *(d for d in jobs.iterdir() if d.is_dir() and d.name != name)]:
+        if other == jobs or not is_held(other / RUN_LOCK):
+            remove_stale_temps(other, before=lock.since)
+    return name, lock
+
+
+def write_outcome(sweep_dir: Path, job: int, outcome: dict, invocation: str | None = None) -> None:
+    """Record what job ``job`` of a sweep invocation (default: the one named in the environment,
+    ``ABLATE_SWEEP_ID``) did: completed, skipped, busy or failed."""
+    invocation = invocation or os.environ.get(INVOCATION_ENV)
+    if not invocation:
+        log.warning("job %s: %s is not set, so its outcome is not counted in a closing line (its record is "
+                    "written all the same)", job, INVOCATION_ENV)
+        return
+    jobs = Path(sweep_dir) / JOBS / invocation
     jobs.mkdir(parents=True, exist_ok=True)
-    write_atomic(jobs / f"{job}.json", json.dumps(dict(outcome, job=job), default=str) + "\n")
+    write_atomic(jobs / f"{job}.json", to_json(dict(outcome, job=job)) + "\n")
 
 
-def clear_outcomes(sweep_dir: Path) -> None:
-    """Forget the outcomes of an earlier invocation, so the summary counts only this one's jobs."""
-    for path in (Path(sweep_dir) / JOBS).glob("*.json"):
-        path.unlink(missing_ok=True)
-
-
-def read_outcomes(sweep_dir: Path) -> list[dict]:
+def read_outcomes(sweep_dir: Path, invocation: str) -> list[dict]:
+    """The outcomes the jobs of one sweep invocation wrote, in job order."""
     outcomes = []
-    for path in sorted((Path(sweep_dir) / JOBS).glob("*.json")):
+    for path in sorted((Path(sweep_dir) / JOBS / invocation).glob("*.json")):
         try:
             outcomes.append(json.loads(path.read_text()))
         except (OSError, ValueError):
@@ -209,19 +267,27 @@ def read_outcomes(sweep_dir: Path) -> list[dict]:
     return sorted(outcomes, key=lambda o: (len(str(o.get("job"))), str(o.get("job"))))  # 2 before 10
 
 
-def summarise_sweep(sweep_dir: Path) -> tuple[list[str], list[dict]]:
-    """The closing lines of a sweep (what this invocation's jobs did, then each failure) and the
-    outcomes of the failed jobs. Records left 'running' by a killed job are counted as incomplete."""
-    outcomes = read_outcomes(sweep_dir)
-    count = {s: sum(o.get("status") == s for o in outcomes) for s in ("completed", "failed", "skipped")}
+STATUSES = ("completed", "failed", "skipped", "busy")  # a job's outcome
+
+
+def summarise_sweep(sweep_dir: Path, invocation: str) -> tuple[list[str], list[dict]]:
+    """The closing lines of a sweep invocation (what its own jobs did, then each failure) and the
+    outcomes of its failed jobs. Other records left 'running' are counted apart: those whose lock a
+    live process holds are in progress elsewhere, the others were killed."""
+    outcomes = read_outcomes(sweep_dir, invocation)
+    count = {s: sum(o.get("status") == s for o in outcomes) for s in STATUSES}
     accounted = {str(Path(o["run_dir"]).resolve()) for o in outcomes if o.get("run_dir")}
-    incomplete = [p.parent for p in sorted(Path(sweep_dir).glob(f"*/{SUMMARY}"))
-                  if (read_summary(p.parent) or {}).get("status") == "running"
-                  and str(p.parent.resolve()) not in accounted]
+    others = [p.parent for p in sorted(Path(sweep_dir).glob(f"*/{SUMMARY}"))
+              if (read_summary(p.parent) or {}).get("status") == "running"
+              and str(p.parent.resolve()) not in accounted]
+    live = [d for d in others if is_held(d / RUN_LOCK)]
     line = (f"ablate sweep {sweep_dir}: {len(outcomes)} jobs: {count['completed']} completed, "
-            f"{count['failed']} failed, {count['skipped']} skipped (already completed)")
-    if incomplete:
-        line += f"; {len(incomplete)} other run(s) left incomplete (status running: killed?)"
+            f"{count['failed']} failed, {count['skipped']} skipped (already completed), "
+            f"{count['busy']} busy (being trained by another live process)")
+    if len(others) > len(live):
+        line += f"; {len(others) - len(live)} other run(s) left incomplete (status running: killed?)"
+    if live:
+        line += f"; {len(live)} other run(s) in progress in other processes"
     lines = [line]
     failed = [o for o in outcomes if o.get("status") == "failed"]
     for o in failed:
@@ -231,26 +297,19 @@ def summarise_sweep(sweep_dir: Path) -> tuple[list[str], list[dict]]:
     return lines, failed
 
 
-def writable_dir_problem(path: Path) -> str | None:
-    """Why ``path`` cannot serve as an output directory (created if need be), or None when it can."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".ablate-write-test.")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        return f"{type(err).__name__}: {err.strerror or err}"
-    return None
-
-
 class SweepCallback(Callback):
     """Registered in ``conf/config.yaml`` (``hydra.callbacks``); runs in the process that started Hydra.
 
     * an output directory that cannot be written stops the command with a message, not a traceback;
-    * a sweep ends with one line, read from the job outcomes on disk, whatever the launcher: how many
-      jobs completed, failed and were skipped as already completed; the command exits with status 1
-      when any job failed (the other jobs have run all the same).
+    * a sweep invocation gets an outcome directory of its own (``start_invocation``), named to its
+      jobs in the environment (``ABLATE_SWEEP_ID``, with the launcher's pid ``ABLATE_SWEEP_PID`` for
+      ``ablate.lifeline``); the environment is how the name reaches joblib's and submitit's
+      processes and SLURM's jobs (sbatch passes it on by default);
+    * joblib's workers are tied to this process as they start (``lifeline.tie_joblib_workers``);
+    * a sweep ends with one line, read from its own jobs' outcomes on disk, whatever the launcher: how
+      many jobs completed, failed, were skipped as already completed or were busy (trained by another
+      live process meanwhile); the command exits with status 1 when any job failed (the other jobs
+      have run all the same). Busy jobs are not failures: their runs are being trained elsewhere.
 
     ``tolerate`` lists failure kinds a sweep expects (``hydra.callbacks.ablate.tolerate=[diverged]``
     for a study whose point is to find where training diverges): still counted and listed as failed,
@@ -259,18 +318,34 @@ class SweepCallback(Callback):
 
     def __init__(self, tolerate: Any = ()) -> None:
         self.tolerate = set(tolerate or ())
+        self.invocation: str | None = None
+        self._lock: Lock | None = None
+        self._environ: dict[str, str | None] = {}
+        self._untie: Callable[[], None] = lambda: None
 
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
         self._check(config.hydra.run.dir, "hydra.run.dir")
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
-        clear_outcomes(Path(str(config.hydra.sweep.dir)))
+        self.invocation, self._lock = start_invocation(Path(str(config.hydra.sweep.dir)))
+        self._environ = {k: os.environ.get(k) for k in (INVOCATION_ENV, LAUNCHER_PID_ENV)}
+        os.environ.update({INVOCATION_ENV: self.invocation, LAUNCHER_PID_ENV: str(os.getpid())})
+        self._untie = tie_joblib_workers()
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        lines, failed = summarise_sweep(sweep_dir)
+        assert self.invocation is not None, "on_multirun_start names the invocation"
+        lines, failed = summarise_sweep(sweep_dir, self.invocation)
         print("\n".join(lines), flush=True)
+        for key, value in self._environ.items():  # as before the sweep, for whatever runs next here
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._untie()
+        if self._lock is not None:
+            self._lock.release()
         if any(o.get("failure") not in self.tolerate for o in failed):
             sys.exit(1)
 

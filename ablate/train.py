@@ -14,7 +14,7 @@ import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterator
+from typing import Callable, ContextManager, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,30 @@ EVAL_BATCH = 1024
 
 
 class Diverged(RuntimeError):
-    """The training loss stopped being finite."""
+    """Training diverged (``divergence``): the run stops and is recorded as failed, ``diverged``."""
+
+
+# A train loss this many times its first epoch's has left training behind: the first epoch's mean
+# loss starts near chance (ln 10 = 2.3 for CIFAR-10) and a run that trains lowers it; a hundredfold
+# rise is far beyond anything a training run does and well before the loss reaches inf or NaN.
+DIVERGENCE_FACTOR = 100.0
+
+
+def divergence(row: Mapping, first_train_loss: float | None) -> str | None:
+    """Why an epoch's metrics row shows a diverged run, or None. The rule: the train or the test
+    loss is not finite (NaN, inf; null in a record), or the train loss exceeds DIVERGENCE_FACTOR
+    times the first epoch's train loss."""
+    for key in ("train_loss", "test_loss"):
+        if key in row:
+            value = row[key]
+            if value is None or not math.isfinite(value):
+                return f"{key.replace('_', ' ')} is {value} at epoch {row.get('epoch')}"
+    loss = row.get("train_loss")
+    if (loss is not None and first_train_loss is not None and math.isfinite(first_train_loss)
+            and first_train_loss > 0 and loss > DIVERGENCE_FACTOR * first_train_loss):
+        return (f"train loss {loss:.4g} at epoch {row.get('epoch')} is over {DIVERGENCE_FACTOR:g}x the first "
+                f"epoch's ({first_train_loss:.4g})")
+    return None
 
 
 def build_network(cfg, precision: Precision, device: torch.device) -> nn.Module:
@@ -493,6 +516,7 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
     hooks = epoch_hooks(cfg, model)
     train_seconds, eval_seconds, results, done = prep_seconds, 0.0, {}, 0
     first_step_at = None  # wall clock after the first optimiser step, for start-up benchmarks
+    first_train_loss = None  # the divergence rule's reference
     for epoch in range(math.ceil(epochs)):
         for hook in hooks:
             hook(epoch)
@@ -542,9 +566,11 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
                    **_cpu_facts(device, loop_seconds, usage, n_steps))
         if monitor is not None:
             row.update(monitor.epoch_stats())
-        on_epoch(row)
-        if not math.isfinite(train_loss):
-            raise Diverged(f"training loss is {train_loss} at epoch {epoch + 1} (lr {lr:.4g})")
+        on_epoch(row)  # recorded first: the rows up to a divergence are what a stress test draws
+        if first_train_loss is None:
+            first_train_loss = train_loss
+        if (why := divergence(row, first_train_loss)) is not None:
+            raise Diverged(f"{why} (lr {lr:.4g})")
         results = dict(test_acc=test_acc, test_loss=test_loss, train_loss=train_loss, epochs=epoch + 1,
                        epochs_trained=row["epochs_trained"], final_eval_seconds=round(epoch_eval_seconds, 3))
     return dict(results, train_seconds=round(train_seconds, 3), eval_seconds=round(eval_seconds, 3),

@@ -1,16 +1,24 @@
 """The checks that run before any training: every well-typed value that cannot be run is named.
 
-Hydra's typed schema (``ablate.config``) already rejects unknown keys and wrong types. This module
-rejects what is well-typed but impossible, and takes each option's allowed values from the registry
-that implements it (networks, layers, precisions, loaders, data sources, update rules), so a new
-option is allowed where it is registered, and nowhere else needs to know.
+Hydra's typed schema (``ablate.config``) already rejects wrong types and overrides of unknown keys.
+This module rejects what gets past it: keys appended with ``+`` that the schema does not have (Hydra
+adds them, and nothing would read them), interpolations that cannot be resolved, and what is
+well-typed but impossible. It takes each option's allowed values from the registry that implements
+it (networks, layers, precisions, devices, loaders, data sources, update rules), so a new option is
+allowed where it is registered, and nowhere else needs to know.
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 from ablate import augment, data, device, layers, models, optim, records
-from ablate.config import ConfigError, batch_size_of, update_rule
+from ablate.config import Config, ConfigError, batch_size_of, update_rule
+
+SEED_LIMIT = 2 ** 63  # torch.manual_seed takes a 64-bit seed; numpy's generators want it >= 0
 
 __all__ = ["ConfigError", "validate"]
 
@@ -25,9 +33,57 @@ def _positive(errors: list[str], key: str, value: float, allow_zero: bool = Fals
         errors.append(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
+def unknown_keys(cfg: DictConfig, schema: Any = None, prefix: str = "") -> list[str]:
+    """The keys of ``cfg`` that the schema (``ablate.config.Config``) does not have, each with the
+    closest schema key when there is one (``optim.momentumm``: did you mean optim.momentum?)."""
+    schema = OmegaConf.structured(Config) if schema is None else schema
+    found = []
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            close = difflib.get_close_matches(str(key), [str(k) for k in schema.keys()], n=1)
+            found.append(f"{name} is not a key of the configuration"
+                         + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+            continue
+        child, known = cfg._get_node(key), schema._get_node(key)
+        if isinstance(child, DictConfig) and isinstance(known, DictConfig) and not known._is_none():
+            found += unknown_keys(child, known, f"{name}.")
+    return found
+
+
+def unresolvable(cfg: DictConfig) -> str | None:
+    """The first value of ``cfg`` whose interpolation cannot be resolved, named with its key and
+    expression (``data.root=${oc.env:NO_SUCH}: ...``); None when every value resolves."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        try:  # the expression as written, from the unresolved config
+            raw: Any = OmegaConf.to_container(cfg, resolve=False)
+            for part in key.split("."):
+                raw = raw[int(part)] if isinstance(raw, list) else raw[part]
+        except (KeyError, IndexError, ValueError, TypeError):
+            raw = None
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return f"{key}={raw}: cannot be resolved ({message})" if raw is not None else f"{key}: {message}"
+    return None
+
+
 def validate(cfg: Any) -> None:
-    """Raise ConfigError naming every impossible value in ``cfg`` (a composed Config)."""
+    """Raise ConfigError naming every impossible value in ``cfg`` (a composed Config): keys outside
+    the schema and failing interpolations first (nothing else can be read safely past them)."""
+    if isinstance(cfg, DictConfig):
+        early = unknown_keys(cfg)
+        problem = unresolvable(cfg)
+        if problem:
+            early.append(problem)
+        if early:
+            raise ConfigError("invalid configuration: " + "; ".join(early))
     e: list[str] = []
+    if not 0 <= cfg.seed < SEED_LIMIT:
+        e.append(f"seed={cfg.seed} must be in 0 <= seed < 2^63")
+    if (why := device.device_problem(str(cfg.device))) is not None:
+        e.append(why)
     if cfg.arch.name not in models.REGISTRY:
         e.append(f"arch.name={cfg.arch.name!r} is not registered; choose one of {', '.join(models.REGISTRY)}")
     _positive(e, "arch.width_mult", cfg.arch.width_mult)
@@ -101,7 +157,7 @@ def validate(cfg: Any) -> None:
     _one_of(e, "step.ref.timing", cfg.step.ref.timing, records.TIMINGS)
     _check_sequel_switches(e, cfg)
     if e:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(e))
+        raise ConfigError("invalid configuration: " + "; ".join(e))
 
 
 def _check_sequel_switches(e: list[str], cfg: Any) -> None:

@@ -25,17 +25,45 @@ def _fails_cleanly(out, *expected, code=None):
     assert "Traceback" not in out.stderr + out.stdout
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["+step=nosuch"], ["Could not find 'step/nosuch'", "Available options in 'step'"]),
-    (["+step=step4", "arch.width_mult=wide"], ["Value 'wide'", "arch.width_mult"]),
-    (["+step=step4", "seed=1.5"], ["Value '1.5'", "seed"]),
-    (["+step=step4", "nosuchkey=1"], ["Key 'nosuchkey' not in 'Config'"]),
-    (["+step=step4", "batch_size=0"], ["Could not find 'batch_size/0'", "Available options in 'batch_size'"]),
-])
-def test_unknown_options_and_wrong_types(tmp_path, args, expected):
-    out = _cli(*args, f"hydra.run.dir={tmp_path / 'run'}")
-    _fails_cleanly(out, *expected)
-    assert not (tmp_path / "run" / "summary.json").exists()
+def _case_names():
+    from tests.attack import bad_input_cases
+
+    return [case.name for case in bad_input_cases()]
+
+
+@pytest.fixture(scope="module")
+def bad_input(tmp_path_factory):
+    """Every bad-input case of the attack (tests/attack.py), each run as ``python -m ablate.run`` or
+    ``ablate.report`` would, in forks of one process that imported everything once."""
+    base = tmp_path_factory.mktemp("bad-input")
+    env = {k: v for k, v in os.environ.items() if k != "ABLATE_DATA"}
+    out = subprocess.run([sys.executable, "-m", "tests.attack", "bad-input", "--json", str(base)], cwd=REPO,
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {r["name"]: r for r in json.loads((base / "results.json").read_text())}
+
+
+@pytest.mark.parametrize("name", _case_names())
+def test_bad_input_exits_2_naming_the_culprit_without_a_traceback(bad_input, name):
+    """Unknown steps, networks, options and keys (``+``-appended ones too), wrong types, seeds out of
+    range, Nesterov without momentum, devices that do not parse or are absent, failing interpolations,
+    unparsable overrides, unwritable outputs, report arguments: exit 2, the culprit named, no
+    traceback, nothing trained. A diverged run exits 1 (a failed run), recorded as failed."""
+    from pathlib import Path
+
+    r = bad_input[name]
+    assert r["code"] == r["want"], (r["code"], r["output"][-2000:])
+    assert "Traceback" not in r["output"], r["output"][-2000:]
+    for text in r["expected"]:
+        assert text in r["output"], (text, r["output"][-2000:])
+    run = Path(r["tmp"]) / "run"
+    if name == "diverged_run":
+        summary = json.loads((run / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+        assert (summary["status"], summary["failure"]) == ("failed", "diverged")
+    else:
+        assert not (run / "summary.json").exists()
+    message = [line for line in r["output"].splitlines() if line.startswith(("ablate:", "python -m ablate.report:"))]
+    assert len(message) == 1 or name.startswith("sweep_"), r["output"][-2000:]  # one line says it all
 
 
 def test_impossible_values_are_listed_together_before_training(tmp_path):

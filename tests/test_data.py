@@ -110,6 +110,67 @@ def test_cache_is_written_and_reused(tree, cache, monkeypatch):
     assert [p.name for p in cache.glob("*.pt")] != [files[0].name] and len(list(cache.glob("*.pt"))) == 1
 
 
+def test_cache_notices_an_image_edited_in_place(tree, cache):
+    """Overwriting an image leaves its folder's mtime as it was (no entry added or removed); the
+    cache key sees the file's own size and mtime."""
+    load_images(_cfg(tree, cache))
+    image, folder = tree / "train" / "cat" / "0001.png", tree / "train" / "cat"
+    folder_mtime = folder.stat().st_mtime_ns
+    _write(image, np.full((32, 32, 3), 3, np.uint8))
+    os.utime(image, ns=(1, 1))  # a distinct mtime, even on a coarse-clock file system
+    os.utime(folder, ns=(folder_mtime, folder_mtime))
+    assert load_images(_cfg(tree, cache)).train_x[4].eq(3).all()  # cat is label 1: image 4 of the train set
+
+
+def test_a_kill_during_the_cache_write_leaves_no_temp_file_after_the_next_run(tree, cache):
+    """A process SIGKILLed half way through writing the cache leaves its temporary file; the next load
+    takes the cache's lock, removes it and writes the cache whole."""
+    import signal
+    import subprocess
+    import sys
+
+    script = f"""
+import os, signal, torch
+import ablate.data as data
+from ablate.config import DataConfig
+def save(obj, f):
+    f.write(b"half a cache")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save
+data.load_images(DataConfig(root={str(tree)!r}, cache_dir={str(cache)!r}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == -signal.SIGKILL
+    [left] = list(cache.glob(".*.tmp"))
+    assert left.read_bytes() == b"half a cache" and not list(cache.glob("*.pt"))
+    assert load_images(_cfg(tree, cache)).train_x.shape == (9, 32, 32, 3)
+    assert not list(cache.glob("*.tmp")) and len(list(cache.glob("*.pt"))) == 1
+
+
+def test_parallel_loads_of_a_fresh_cache_decode_once(tree, cache, monkeypatch):
+    """Two jobs asking for the same data at once: the second waits on the cache's lock for the first
+    to decode and write, then reads the cache."""
+    import threading
+    import time
+
+    real, calls = data._decode_files, []
+
+    def slow_decode(paths):
+        calls.append(len(paths))
+        time.sleep(0.5)  # long enough for the other job to ask meanwhile
+        return real(paths)
+    monkeypatch.setattr(data, "_decode_files", slow_decode)
+    results = []
+    jobs = [threading.Thread(target=lambda: results.append(load_images(_cfg(tree, cache)))) for _ in range(2)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    assert calls == [9, 6] and len(results) == 2  # one decode of each split, by one job
+    assert torch.equal(results[0].train_x, results[1].train_x)
+
+
 def test_corrupt_cache_file_is_decoded_again(tree, cache):
     load_images(_cfg(tree, cache))
     (path,) = cache.glob("*.pt")

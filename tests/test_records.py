@@ -71,3 +71,65 @@ def test_config_key_fills_fields_added_to_the_schema_later():
     assert config_key(older) == config_key(full)
     older["seed"] = 7
     assert config_key(older) != config_key(full)
+
+
+def _strict(text):
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_records_are_strict_json_and_readable_by_all(tmp_path):
+    """NaN in an epoch row or a result is written as null (a bare NaN is not JSON), and every file a
+    record writes is 0644 whatever the umask (mkstemp alone makes 0600)."""
+    import os
+
+    old = os.umask(0o077)
+    try:
+        rec = RunRecord(tmp_path, _config())
+        rec.epoch({"epoch": 1, "train_loss": float("nan"), "test_loss": float("inf")})
+        rec.finish("failed", test_loss=float("nan"), error="Diverged: x")
+    finally:
+        os.umask(old)
+    assert _strict((tmp_path / "metrics.jsonl").read_text()) == {"epoch": 1, "train_loss": None, "test_loss": None}
+    assert _strict((tmp_path / "summary.json").read_text())["test_loss"] is None
+    for name in ("config.yaml", "metrics.jsonl", "summary.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_a_rerun_writes_a_metrics_file_of_its_own(tmp_path):
+    """A writer still holding the old metrics file (an orphan of a killed sweep) cannot reach the new one."""
+    RunRecord(tmp_path, _config()).epoch({"epoch": 1})
+    old = open(tmp_path / "metrics.jsonl", "a")
+    rec = RunRecord(tmp_path, _config())  # the run again, in place
+    old.write('{"epoch": 7}\n')
+    old.close()
+    rec.epoch({"epoch": 1})
+    rec.finish("completed")
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+
+
+def test_record_problems_name_two_recipes_or_two_trainings_in_one_directory(tmp_path):
+    from ablate.records import record_problems
+
+    config, other = _config(), dict(_config(), tta={"flip": True})
+    summary = {"status": "completed", "config_key": config_key(other)}  # the other recipe's results
+    [problem] = record_problems(tmp_path, summary, config, [{"epoch": 1}, {"epoch": 2}])
+    assert problem.startswith(f"{tmp_path / 'summary.json'}: written for config key {config_key(other)}")
+    summary["config_key"] = config_key(config)
+    assert record_problems(tmp_path, summary, config, [{"epoch": 1}, {"epoch": 2}]) == []
+    for epochs in ([6, 7, 8, 1, 2], [2, 1], [1, 1, 2], [2, 3]):
+        [problem] = record_problems(tmp_path, summary, config, [{"epoch": e} for e in epochs])
+        assert problem.startswith(f"{tmp_path / 'metrics.jsonl'}: epochs {epochs} are not 1..{len(epochs)}")
+
+
+def test_committed_records_agree_with_their_configs():
+    """Every committed record was written for its config, under the key rule of its time."""
+    from ablate.records import read_config, read_metrics, record_problems
+    from tests.conftest import REPO
+
+    paths = sorted(REPO.glob("tests/data/*/*/summary.json")) + sorted(REPO.glob("experiments/*/runs/*/summary.json"))
+    assert len(paths) >= 4
+    for path in paths:
+        run = path.parent
+        assert record_problems(run, read_summary(run), read_config(run), read_metrics(run)[0]) == [], run

@@ -2,6 +2,7 @@
 written at once by parallel jobs, killed sweeps resumed, out-of-memory, the closing summary line."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,7 +67,17 @@ def test_submitit_local_sweep_records_a_failure_and_exits_non_zero(tmp_path):
     assert "failed: job 0" in out.stdout and "Traceback" not in out.stdout + out.stderr
 
 
-def test_killed_joblib_sweep_resumes_and_runs_every_job_exactly_once(tmp_path):
+def _trainings(run_dir):
+    """How many trainings of a run went to the end: ablate.run logs one line each into run.log."""
+    log = run_dir / "run.log"
+    return len(re.findall(r": test accuracy [\d.]+% after", log.read_text())) if log.is_file() else 0
+
+
+def test_sigkill_of_a_joblib_sweeps_main_process_leaves_no_worker_and_the_rerun_trains_each_job_once(tmp_path):
+    """Only the launcher is killed (not its process group): its workers must not train on without a
+    parent (they die with it), and the sweep started again at once trains every job exactly once."""
+    from tests.attack import alive, descendants
+
     sweep = tmp_path / "sweep"
     args = ["seed=0,1,2,3", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"]
     cmd = [sys.executable, "-m", "ablate.run", "-m", "+step=step4", *SMOKE, *args]
@@ -76,24 +87,132 @@ def test_killed_joblib_sweep_resumes_and_runs_every_job_exactly_once(tmp_path):
 
     def running():
         return [k for k, s in _summaries(sweep).items() if s["status"] == "running"]
+    workers = set()
     while not (len(_completed(sweep)) >= 2 and running()) and time.time() < deadline and proc.poll() is None:
+        workers |= descendants(proc.pid)
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers die at once, as on a lost node
+    workers |= descendants(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)  # the launcher alone
     proc.wait()
     first, killed = _completed(sweep), running()
     assert 2 <= len(first) < 4 and killed, "the sweep should be killed part way, with a job in flight"
+    time.sleep(3)
+    left = [pid for pid in workers if alive(pid)]
+    for pid in left:  # do not leave them to the rest of the suite
+        os.kill(pid, signal.SIGKILL)
+    assert workers and not left, f"{len(left)} of {len(workers)} worker processes outlived the launcher by 3 s"
 
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     final = _completed(sweep)
     assert sorted(s["seed"] for s in final.values()) == [0, 1, 2, 3]  # each seed exactly once
+    for name, summary in final.items():
+        assert _trainings(sweep / name) == 1, name
     for name, summary in first.items():  # finished jobs were not run again ...
         assert final[name]["finished"] == summary["finished"]
     for name in killed:  # ... and the killed ones ran again, in place, from the first epoch
         rows = (sweep / name / "metrics.jsonl").read_text().splitlines()
         assert final[name]["status"] == "completed" and [json.loads(r)["epoch"] for r in rows] == [1, 2]
     n_skipped = len(first)
-    assert f"4 jobs: {4 - n_skipped} completed, 0 failed, {n_skipped} skipped" in out.stdout
+    assert f"4 jobs: {4 - n_skipped} completed, 0 failed, {n_skipped} skipped (already completed), 0 busy" in out.stdout
+
+
+def test_joblib_workers_are_tied_to_the_launcher_as_they_start():
+    """Before any job reaches them (an idle worker outlived a killed launcher forever): the loky
+    backend's initializer ties each worker to this process; undone, new workers are not tied."""
+    import joblib
+
+    from ablate.lifeline import tie_joblib_workers
+
+    def tied():
+        import ablate.lifeline
+
+        return ablate.lifeline._tied
+    undo = tie_joblib_workers()
+    try:
+        assert joblib.Parallel(n_jobs=2, backend="loky")(joblib.delayed(tied)() for _ in range(2)) == [True, True]
+    finally:
+        undo()
+    from joblib.externals.loky import get_reusable_executor
+    get_reusable_executor().shutdown(wait=True)  # the next executor starts new workers
+    assert joblib.Parallel(n_jobs=2, backend="loky")(joblib.delayed(tied)() for _ in range(2)) == [False, False]
+    get_reusable_executor().shutdown(wait=True)
+
+
+def test_concurrent_sweeps_into_one_directory_train_every_run_once_each_recipe_in_its_own_directory(tmp_path):
+    """Three sweeps started together into one directory: the same sweep twice, and another recipe
+    (flip TTA) with the same step and seeds. Each run is trained once, in a directory named for its
+    recipe, with its own summary; every metrics file holds epochs 1, 2; the closing lines add up."""
+    from ablate.records import DIR_KEY_CHARS, config_key, read_config, recipe_key
+
+    sweep = tmp_path / "sweep"
+    base = [sys.executable, "-m", "ablate.run", "-m", "+step=step4", *SMOKE, "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd in (base, base, base + ["tta=flip"])]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e[-2000:] for _, e in outs]
+    summaries = _summaries(sweep)
+    assert len(summaries) == 4 and all(s["status"] == "completed" for s in summaries.values())
+    for name, summary in summaries.items():
+        config = read_config(sweep / name)
+        assert name.endswith("_" + recipe_key(config)[:DIR_KEY_CHARS])  # the directory names its recipe
+        assert summary["config_key"] == config_key(config)  # ... and holds that recipe's results
+        assert _trainings(sweep / name) == 1, name
+        rows = (sweep / name / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(r)["epoch"] for r in rows] == [1, 2], name
+    assert sorted((s["seed"], read_config(sweep / n)["tta"]["flip"]) for n, s in summaries.items()) == \
+        [(0, False), (0, True), (1, False), (1, True)]
+    lines = [re.search(r"(\d+) jobs: (\d+) completed, (\d+) failed, (\d+) skipped \(already completed\), "
+                       r"(\d+) busy", o).groups() for o, _ in outs]
+    counts = [tuple(map(int, line)) for line in lines]
+    assert all(n == 2 and failed == 0 and done + skipped + busy == 2 for n, done, failed, skipped, busy in counts)
+    assert counts[2][1] == 2  # the other recipe trained both of its runs
+    assert counts[0][1] + counts[1][1] == 2  # the identical sweeps trained each of theirs once between them
+    assert "Traceback" not in "".join(o + e for o, e in outs)
+
+
+def test_a_run_held_by_another_process_is_busy_and_not_trained(tmp_path):
+    """The run directory's lock, or (in a sweep) the recipe's: either held means another live process
+    trains this run, and the job leaves it alone, writing nothing."""
+    from ablate.locks import Busy, try_lock
+    from ablate.records import config_key
+
+    cfg = make_cfg("+step=step4", *SMOKE)
+    held = try_lock(tmp_path / "0" / ".lock")
+    with pytest.raises(Busy, match=f"{tmp_path / '0'} is being trained by pid {os.getpid()}"):
+        execute(cfg, tmp_path / "0")
+    held.release()
+    key = config_key(OmegaConf.to_container(cfg, resolve=True))
+    held = try_lock(tmp_path / ".ablate_locks" / f"{key}.lock")  # the same recipe, another directory
+    with pytest.raises(Busy, match=f"the recipe of {tmp_path / '1'}"):
+        execute(cfg, tmp_path / "1", resume_in=tmp_path)
+    held.release()
+    assert not list(tmp_path.glob("*/summary.json"))
+
+
+def test_temporary_files_of_killed_writers_are_removed_under_the_locks(tmp_path):
+    """A run directory's and a dead invocation's stale *.tmp go when the next holder starts; a live
+    invocation's stay (its jobs may be writing them)."""
+    from ablate.sweep import start_invocation
+
+    cfg = make_cfg("+step=step4", *SMOKE)
+    execute(cfg, tmp_path / "0")
+    stale = tmp_path / "0" / ".summary.json.abc123.tmp"
+    stale.write_text("{")  # what a job killed inside write_atomic leaves
+    os.utime(stale, (time.time() - 60,) * 2)
+    assert execute(cfg, tmp_path / "0", resume_in=tmp_path)["skipped"]  # the sweep again: nothing trains ...
+    assert not stale.exists()  # ... but the run's lock is taken, and the stale file goes
+
+    dead, dead_lock = start_invocation(tmp_path)
+    live, live_lock = start_invocation(tmp_path)
+    dead_lock.release()
+    temps = [tmp_path / ".ablate_jobs" / name / ".3.json.x.tmp" for name in (dead, live)]
+    for t in temps:
+        t.write_text("{")
+        os.utime(t, (time.time() - 60,) * 2)
+    start_invocation(tmp_path)
+    assert [t.exists() for t in temps] == [False, True]
+    live_lock.release()
 
 
 def test_out_of_memory_is_recorded_with_advice_and_the_sweep_goes_on(tmp_path):
@@ -213,10 +332,10 @@ def test_each_process_claims_a_gpu_of_its_own(tmp_path, monkeypatch, caplog):
     other = sweep_module._claimed_gpu
     monkeypatch.setattr(sweep_module, "_claimed_gpu", None)  # a third worker on two GPUs: shares, and says so
     assert claim_gpu(2, preferred=1, lock_dir=tmp_path) == (1, False) and "shares GPU 1" in caplog.text
-    held[1].close()  # a worker that ends (or is killed) frees its GPU
+    held[1].release()  # a worker that ends (or is killed) frees its GPU
     assert claim_gpu(2, preferred=0, lock_dir=tmp_path) == (1, True)
-    sweep_module._claimed_gpu[1].close()
-    other[1].close()
+    sweep_module._claimed_gpu[1].release()
+    other[1].release()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,35 +363,52 @@ def test_slurm_example_config_renders_the_expected_sbatch_lines(tmp_path, monkey
     assert executor._executor.parameters["array_parallelism"] == 16
 
 
-def test_sweep_summary_counts_this_invocations_jobs(tmp_path):
+def test_sweep_summary_counts_only_its_own_invocations_jobs(tmp_path):
+    """Two invocations in one sweep directory: neither clears nor overwrites the other's outcomes (the
+    same job numbers), and each closing line counts its own jobs. Runs left 'running' by others are
+    told apart by their lock: held (in progress elsewhere) or free (killed)."""
+    from ablate.locks import try_lock
     from ablate.records import RunRecord
-    from ablate.sweep import clear_outcomes, write_outcome
+    from ablate.sweep import start_invocation, write_outcome
 
     cfg = {"step": {"id": "step4"}, "arch": {"name": "resnet9"}, "seed": 0, "scale": {"name": "smoke"},
            "precision": {"name": "fp32"}}
-    write_outcome(tmp_path, 0, {"status": "completed", "run_dir": str(tmp_path / "0")})
-    clear_outcomes(tmp_path)  # a new invocation forgets the last one's outcomes
-    for job, status in enumerate(["completed", "skipped", "failed", "completed"]):
-        write_outcome(tmp_path, job + 8, {"status": status, "run_dir": str(tmp_path / f"{job}"),
-                                          "failure": "diverged", "error": "Diverged: loss nan\nmore"})
+    first, first_lock = start_invocation(tmp_path)
+    for job in range(3):
+        write_outcome(tmp_path, job, {"status": "completed", "run_dir": str(tmp_path / f"a{job}")}, first)
+    second, _ = start_invocation(tmp_path)  # started while the first is live
+    for job, status in enumerate(["completed", "skipped", "failed", "busy"]):
+        write_outcome(tmp_path, job, {"status": status, "run_dir": str(tmp_path / f"{job}"),
+                                      "failure": "diverged", "error": "Diverged: loss nan\nmore"}, second)
     RunRecord(tmp_path / "old", cfg)  # a record some earlier killed job left running
-    lines, failed = summarise_sweep(tmp_path)
-    assert [o["job"] for o in failed] == [10]
-    assert lines[0] == (f"ablate sweep {tmp_path}: 4 jobs: 2 completed, 1 failed, 1 skipped (already completed); "
-                        "1 other run(s) left incomplete (status running: killed?)")
-    assert lines[1:] == [f"  failed: job 10 ({tmp_path / '2'}): diverged: Diverged: loss nan"]
+    RunRecord(tmp_path / "live", cfg)  # ... and one that a live process is training
+    live = try_lock(tmp_path / "live" / ".lock")
+    lines, failed = summarise_sweep(tmp_path, second)
+    assert [o["job"] for o in failed] == [2]
+    assert lines[0] == (f"ablate sweep {tmp_path}: 4 jobs: 1 completed, 1 failed, 1 skipped (already completed), "
+                        "1 busy (being trained by another live process); 1 other run(s) left incomplete "
+                        "(status running: killed?); 1 other run(s) in progress in other processes")
+    assert lines[1:] == [f"  failed: job 2 ({tmp_path / '2'}): diverged: Diverged: loss nan"]
+    assert summarise_sweep(tmp_path, first)[0][0].startswith(f"ablate sweep {tmp_path}: 3 jobs: 3 completed, 0 failed")
+    live.release()
+    first_lock.release()
 
 
 def test_callback_exit_status_and_tolerated_failure_kinds(tmp_path, capsys):
-    from ablate.sweep import SweepCallback, write_outcome
+    from ablate.sweep import INVOCATION_ENV, SweepCallback, write_outcome
 
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
-    SweepCallback().on_multirun_start(config)
+    callback = SweepCallback(tolerate=["diverged"])
+    before = os.environ.get(INVOCATION_ENV)
+    callback.on_multirun_start(config)
+    assert os.environ[INVOCATION_ENV] == callback.invocation  # how the jobs find their outcome directory
     write_outcome(tmp_path, 0, {"status": "completed", "run_dir": str(tmp_path / "0")})
     write_outcome(tmp_path, 1, {"status": "failed", "failure": "diverged", "run_dir": str(tmp_path / "1")})
-    SweepCallback(tolerate=["diverged"]).on_multirun_end(config)  # expected by the study: exit 0
+    callback.on_multirun_end(config)  # expected by the study: exit 0
+    assert os.environ.get(INVOCATION_ENV) == before  # the environment is left as it was
+    callback.tolerate = set()
     with pytest.raises(SystemExit) as exit_:
-        SweepCallback().on_multirun_end(config)
+        callback.on_multirun_end(config)
     assert exit_.value.code == 1
     assert "2 jobs: 1 completed, 1 failed, 0 skipped" in capsys.readouterr().out
 

@@ -367,3 +367,40 @@ def test_step9_compiles_with_the_whitening_bias_trainable_and_frozen(tmp_path):
 
     summary = execute(make_cfg("+step=step9", "scale=smoke", "data=synthetic", "progress=false"), tmp_path)
     assert summary["status"] == "completed" and summary["compiled"] is True and summary["compile_seconds"] > 0
+
+
+def test_divergence_rule():
+    """A loss that is not finite (null in a record), or a train loss over 100x the first epoch's."""
+    from ablate.train import DIVERGENCE_FACTOR, divergence
+
+    assert DIVERGENCE_FACTOR == 100
+    assert divergence({"epoch": 3, "train_loss": 0.5, "test_loss": 0.7}, 2.3) is None
+    assert divergence({"epoch": 3, "train_loss": 229.0, "test_loss": 0.7}, 2.3) is None
+    assert "over 100x the first epoch's" in divergence({"epoch": 3, "train_loss": 231.0, "test_loss": 1.0}, 2.3)
+    assert divergence({"epoch": 2, "train_loss": 1.0, "test_loss": math.nan}, 2.3) == "test loss is nan at epoch 2"
+    assert divergence({"epoch": 2, "train_loss": math.inf, "test_loss": 1.0}, 2.3) == "train loss is inf at epoch 2"
+    assert divergence({"epoch": 2, "train_loss": None}, 2.3) == "train loss is None at epoch 2"
+
+
+def test_a_run_whose_test_loss_goes_nan_is_failed_diverged(tmp_path, monkeypatch):
+    """The train loss stays finite; the test loss is NaN from the first epoch (what an exploded
+    network's evaluation gives): the run stops there, failed as diverged, its records strict JSON."""
+    import json
+
+    import ablate.train
+    from ablate.records import read_summary
+    from ablate.run import execute
+    from ablate.train import Diverged
+    from tests.conftest import SMOKE
+
+    monkeypatch.setattr(ablate.train, "evaluate", lambda *args, **kwargs: (math.nan, 10.0))
+    with pytest.raises(Diverged, match="test loss is nan at epoch 1"):
+        execute(make_cfg("+step=step4", *SMOKE), tmp_path)
+    summary = read_summary(tmp_path)
+    assert (summary["status"], summary["failure"]) == ("failed", "diverged")
+
+    def refuse(constant):
+        raise ValueError(constant)
+    rows = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["test_loss"]) for r in rows] == [(1, None)]
+    json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
+from ablate.records import writable_dir_problem
 from ablate.report.figures import architecture_step, plot_architectures, plot_curves
 from ablate.report.load import CONTENDED_SHARE, journey_steps, load_runs
 from ablate.report.stats import aggregate, verdicts
@@ -275,6 +276,19 @@ def write_report(roots: Path | Sequence[Path], out: Path, target: float | None =
     return files
 
 
+def _percent(text: str) -> float:
+    """``--target``: a finite percentage, 0 to 100."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 100:  # NaN fails this too
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage from 0 to 100")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
@@ -283,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("runs", type=Path, nargs="+",
                         help="directories of run records (searched at any depth; several are pooled)")
     parser.add_argument("--out", type=Path, help="where to write the report (default: <first runs dir>/report)")
-    parser.add_argument("--target", type=float, help="accuracy target in percent (default: each run's; "
+    parser.add_argument("--target", type=_percent, help="accuracy target in percent (default: each run's; "
                                                      "at scale=cpu 86%%, see ablate.report.load)")
     parser.add_argument("--readme", type=Path, help="also rewrite the journey table between the markers of "
                                                     "this Markdown file (the project README's brief of the replay)")
@@ -291,6 +305,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for runs in args.runs:
         if not runs.is_dir():
             parser.error(f"{runs} is not a directory")
-    files = write_report(args.runs, args.out or args.runs[0] / "report", args.target, args.readme)
+    out = args.out or args.runs[0] / "report"
+    if problem := writable_dir_problem(out):
+        parser.error(f"cannot write the report to {out} ({problem}); choose another with --out")
+    files = write_report(args.runs, out, args.target, args.readme)
     for name, path in files.items():
         print(f"{name:>14}: {path}")

@@ -19,7 +19,8 @@ import pandas as pd
 import yaml
 
 from ablate.compose import CONF_DIR
-from ablate.records import CONFIG, METRICS, SUMMARY, config_key, published_seconds, read_config, read_metrics
+from ablate.records import (CONFIG, METRICS, SUMMARY, published_seconds, read_config, read_metrics, recipe_key,
+                            record_problems)
 from ablate.report.labels import read_overrides, recipe_changes, recipe_label
 
 # The accuracy a run has to reach, by scale, where its record keeps the default 94%. At scale=cpu the
@@ -53,7 +54,7 @@ def _check_numbers(summary: dict) -> None:
 
 def _recipe_key(config: dict) -> str:
     """The config key without the seed: runs that differ only by seed share a recipe."""
-    return config_key(dict(config, seed=0)) if config else ""  # every seed keyed alike
+    return recipe_key(config) if config else ""
 
 
 def _to_target(metrics: list[dict], target: float, prep_seconds: float, timing: str) -> tuple[float, float]:
@@ -144,7 +145,9 @@ def within_run_spread(metrics: list[dict], prep_seconds: float, timing: str) -> 
 
 
 def _read_record(root: Path, run_dir: Path, summary: dict, target: float | None,
-                 problems: list[str]) -> tuple[dict, list[dict]]:
+                 problems: list[str]) -> tuple[dict | None, list[dict]]:
+    """One run's row and its metrics; no row for a directory that does not hold one training of one
+    recipe (``records.record_problems``: the problems say why)."""
     _check_numbers(summary)
     config = read_config(run_dir)
     if config is None:
@@ -153,6 +156,9 @@ def _read_record(root: Path, run_dir: Path, summary: dict, target: float | None,
     metrics, torn = read_metrics(run_dir)
     if torn:
         problems.append(f"{run_dir / METRICS}: a torn line was dropped")
+    if inconsistent := record_problems(run_dir, summary, config, metrics):  # warned, left out
+        problems += inconsistent
+        return None, metrics
     step_block = config.get("step") or {}
     ref = step_block.get("ref") or {}
     scale = summary.get("scale")
@@ -221,6 +227,8 @@ def load_runs(roots: Path | Sequence[Path], target: float | None = None
                 row, metrics = _read_record(root, run_dir, summary, target, problems)
             except (AttributeError, TypeError, ValueError, KeyError) as err:
                 problems.append(f"{run_dir}: unusable record ({type(err).__name__}: {err}); skipped")
+                continue
+            if row is None:
                 continue
             if len(roots) > 1:
                 row["run"] = f"{root.name}/{row['run']}"

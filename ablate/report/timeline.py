@@ -29,11 +29,11 @@ from ablate.report.load import DEFAULT_TARGET, journey_steps
 STAGES = {"baseline": "DAWNBench baseline", "1": "Post 1 · baseline", "2": "Post 2 · mini-batches",
           "3": "Post 3 · regularisation", "4": "Post 4 · architecture", "5": "Post 5 · hyperparameters",
           "6": "Post 6 · weight decay", "7": "Post 7 · batch norm", "8": "Post 8 · bag of tricks",
-          "9": "Sequel · airbench94, the zoo's ablation (A100)", "10": "Sequel · airbench94_muon (A100)"}
+          "9": "Sequel · airbench94 (A100)", "10": "Sequel · airbench94_muon (A100)"}
 CONVENTION = {"with_eval": ("training + per-epoch evaluation (Posts 1–4)", "#4c72b0", "#a8b6cc"),
               "train_only": ("training only, evaluation excluded (Post 8)", "#dd8452", "#e8c3a8"),
               "train_tta": ("training + final TTA pass (airbench)", "#55a868", "#b5d8bd")}
-HEADER_NOTES = {"train_only": " (times: no evaluation)", "train_tta": " (times: one A100, final TTA counted)"}
+HEADER_NOTES = {"train_only": " (times: no evaluation)", "train_tta": " (times: final TTA in)"}
 # Page's final recipe took 26 s on his V100 and 14.9 s on an A100 (Keller Jordan's re-run, sota-facts
 # 1 row 6): the normalised panel puts published A100 seconds on the V100 scale by that ratio, so one
 # published series runs through both eras.

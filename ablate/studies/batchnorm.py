@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ablate.layers import ShiftedReLU
+from ablate.train import DIVERGENCE_FACTOR, divergence
 from ablate.charts import panel_groups, panels, runs_with_curves
 
 if TYPE_CHECKING:
@@ -61,10 +62,13 @@ def _line_label(run: "pd.Series", panel: "pd.DataFrame") -> str:
 
 
 def _diverged_at(curve: "pd.DataFrame") -> Optional[int]:
-    """Index of the first row whose train loss is not finite (the epoch ``Diverged`` stopped at)."""
-    if "train_loss" not in curve:
+    """Index of the first row that ``ablate.train.divergence`` calls diverged (the epoch ``Diverged``
+    stopped at): a loss that is not finite, or a train loss far above the first epoch's."""
+    if "train_loss" not in curve or not len(curve):
         return None
-    bad = [i for i, v in enumerate(curve.train_loss) if not math.isfinite(float(v))]
+    rows = curve.astype(object).where(curve.notna(), None).to_dict("records")  # NaN as the record's null
+    first = rows[0]["train_loss"]
+    bad = [i for i, row in enumerate(rows) if divergence(row, first) is not None]
     return bad[0] if bad else None
 
 
@@ -85,9 +89,11 @@ def plot_bn_stress(runs: "pd.DataFrame", curves: dict[str, "pd.DataFrame"], path
             if stop is not None:
                 lr, acc = float(curve.lr.iloc[stop]), float(curve.train_acc.iloc[stop])
                 epoch = int(curve.epoch.iloc[stop]) if "epoch" in curve else stop + 1
+                loss = float(curve.train_loss.iloc[stop])
+                what = "loss NaN" if not math.isfinite(loss) else f"loss {loss:.3g}, over {DIVERGENCE_FACTOR:g}x epoch 1's,"
                 ax.axvline(lr, color=line.get_color(), linestyle=":", alpha=0.7)
                 ax.plot([lr], [acc], marker="x", markersize=12, mew=2.5, color="tab:red", linestyle="none",
-                        label=f"{label}: loss NaN at epoch {epoch} (LR {lr:.3g})")
+                        label=f"{label}: {what} at epoch {epoch} (LR {lr:.3g})")
             elif r["status"] != "completed":
                 lr, acc = float(curve.lr.iloc[-1]), float(curve.train_acc.iloc[-1])
                 ax.plot([lr], [acc], marker="x", markersize=12, mew=2.5, color="tab:red", linestyle="none",
