@@ -190,8 +190,9 @@ def test_fp16_casts_the_whole_model_batch_norm_included(step):
 
 def test_half_precisions_run_as_cpu_half_on_a_cpu():
     """ablate's own rule (design.md; PrecisionConfig.cpu_half): a CPU has no fast fp16, so fp16 and
-    fp16_bn32 run as ``precision.cpu_half``, fp32 unless asked otherwise, and say so."""
-    assert make_cfg().precision.cpu_half == "fp32"
+    fp16_bn32 run as ``precision.cpu_half``: by default ``auto``, bf16 where the CPU has it natively and
+    fp32 elsewhere; fp32 or bf16 when asked; and say so."""
+    assert make_cfg().precision.cpu_half == "auto"
     for name in ("fp16", "fp16_bn32"):
         p = resolve_precision(name, CPU)
         assert (p.name, p.param_dtype, p.autocast, p.norm_fp32) == ("fp32", torch.float32, None, False)
@@ -345,10 +346,13 @@ def test_lr_of_step_i_is_the_schedule_at_epoch_plus_i_plus_1_over_n(lr_run):
 
 
 def test_train_reports_fp16_bn32_running_as_fp32_on_a_cpu(lr_run):
-    """The default precision fp16_bn32 runs as precision.cpu_half (fp32) on a CPU and train() says so."""
+    """The default precision fp16_bn32 runs as precision.cpu_half on a CPU (auto: bf16 on a CPU with
+    native bf16, fp32 on one without) and train() says so."""
+    from ablate.device import cpu_native_bf16
+
     cfg, _, info = lr_run
-    assert cfg.precision.name == "fp16_bn32"
-    assert info["precision_used"] == "fp32"
+    assert cfg.precision.name == "fp16_bn32" and cfg.precision.cpu_half == "auto"
+    assert info["precision_used"] == ("bf16" if cpu_native_bf16() else "fp32")
 
 
 # ---------------------------------------------------------------------------------------------------

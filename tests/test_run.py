@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from ablate.device import cpu_native_bf16
 from ablate.records import read_summary
 from ablate.run import execute
 from tests.conftest import DATA, REPO, SMOKE, make_cfg, needs_data
@@ -22,7 +23,7 @@ def _cli(*args, env=None, timeout=300):
 def test_smoke_step4_writes_complete_records(tmp_path):
     summary = execute(make_cfg("+step=step4", *SMOKE), tmp_path)
     assert SUMMARY_KEYS <= set(summary)
-    assert summary["status"] == "completed" and summary["precision_used"] == "fp32"
+    assert summary["status"] == "completed" and summary["precision_used"] == ("bf16" if cpu_native_bf16() else "fp32")
     assert summary["train_seconds"] > 0 and summary["eval_seconds"] > 0 and summary["params"] > 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -99,9 +100,10 @@ def test_resume_never_takes_a_record_of_another_precision_or_layout(tmp_path):
     execute(cfg, tmp_path / "0")
     key = config_key(OmegaConf.to_container(cfg, resolve=True))
     here = formats_used(cfg)
-    assert here == {"precision_used": "fp32", "channels_last": True}  # on this CPU, at the defaults
+    native = "bf16" if cpu_native_bf16() else "fp32"
+    assert here == {"precision_used": native, "channels_last": True}  # on this CPU, at the defaults
     assert find_completed(key, tmp_path, here) == tmp_path / "0"
-    assert find_completed(key, tmp_path, dict(here, precision_used="bf16")) is None
+    assert find_completed(key, tmp_path, dict(here, precision_used={"bf16": "fp32", "fp32": "bf16"}[native])) is None
     assert find_completed(key, tmp_path, dict(here, channels_last=False)) is None
     summary = read_summary(tmp_path / "0")
     del summary["channels_last"]  # a record written before the layout was recorded: config says None

@@ -423,8 +423,10 @@ def test_a_sweep_dir_from_before_the_restructure_resumes_with_nothing_rerun(tmp_
     shutil.copytree(REPO / "tests" / "data" / "sweep_before_restructure", sweep)
     # As when the records were written: no ABLATE_DATA (data.root is part of a recipe's key).
     env = {k: v for k, v in os.environ.items() if k not in ("ABLATE_DATA", "ABLATE_CACHE")}
+    # And as the recipe was then: fp16 on a CPU ran as fp32, the default before precision.cpu_half=auto.
     out = subprocess.run([sys.executable, "-m", "ablate.run", "-m", "+step=step8", "scale=smoke", "data=synthetic",
-                          "progress=false", "seed=0,1", f"hydra.sweep.dir={sweep}"], cwd=REPO, env=env,
+                          "progress=false", "seed=0,1", "precision.cpu_half=fp32", f"hydra.sweep.dir={sweep}"],
+                         cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "2 jobs: 0 completed, 0 failed, 2 skipped" in out.stdout + out.stderr
