@@ -356,12 +356,24 @@ def _warm_up(model: nn.Module, train_model: nn.Module, train_sizes: list[int], e
     return time.perf_counter() - start
 
 
-def compile_and_warm_up(cfg, model: nn.Module, warm: Callable[[nn.Module], float]) -> tuple[nn.Module, dict]:
+# Inductor's CPU code for bf16 autocast gave NaN gradients for airbench94's network (GELU; torch 2.14.1,
+# eager finite, the aot_eager backend finite), which surfaced only as a diverged run: such a run trains
+# eagerly, as where compiling fails.
+COMPILE_UNSOUND = {("cpu", torch.bfloat16): "inductor's CPU bf16 code gave NaN gradients (torch 2.14.1)"}
+
+
+def compile_and_warm_up(cfg, model: nn.Module, warm: Callable[[nn.Module], float], device: torch.device,
+                        precision: Precision) -> tuple[nn.Module, dict]:
     """``torch.compile`` the model and warm it up (``warm(train_model)`` runs ``_warm_up``); where
-    compiling fails (no compiler toolchain, an unsupported op on this device), train eagerly instead
-    and say so: the record's ``compiled`` is what actually ran, ``compile_error`` why not."""
+    compiling fails (no compiler toolchain, an unsupported op on this device) or is known to compute
+    wrongly (``COMPILE_UNSOUND``), train eagerly instead and say so: the record's ``compiled`` is what
+    actually ran, ``compile_error`` why not."""
     if not cfg.compile:
         return model, dict(compiled=False)
+    unsound = COMPILE_UNSOUND.get((device.type, precision.autocast))
+    if unsound:
+        log.warning("torch.compile skipped: %s; training uncompiled", unsound)
+        return model, dict(compiled=False, compile_seconds=None, compile_error=f"skipped: {unsound}")
     try:
         compiled = torch.compile(model)
         seconds = warm(compiled)
@@ -488,7 +500,7 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
                         batch_shapes(n_test, EVAL_BATCH, drop_last=False), device, precision, channels_last,
                         cfg.tta.flip, cfg.tta.translate, warm_up_states(cfg))
 
-    train_model, compiled = compile_and_warm_up(cfg, model, warm)
+    train_model, compiled = compile_and_warm_up(cfg, model, warm, device, precision)
     info.update(compiled)
     warmup = round(warm(model), 3) if device.type == "cuda" and not compiled["compiled"] else 0.0
     info.update(compile_seconds=compiled.get("compile_seconds"), warmup_seconds=None if compiled["compiled"] else warmup)

@@ -354,9 +354,22 @@ def test_compile_failure_trains_uncompiled_and_says_so(tmp_path, monkeypatch):
             raise RuntimeError("no C compiler found")
         return forward
     monkeypatch.setattr(torch, "compile", broken)
-    summary = execute(make_cfg("+step=step9", "scale=smoke", "data=synthetic", "progress=false"), tmp_path)
+    summary = execute(make_cfg("+step=step9", "scale=smoke", "data=synthetic", "progress=false",
+                               "precision.cpu_half=fp32"), tmp_path)  # a bf16 CPU run would not try
     assert summary["status"] == "completed" and summary["compiled"] is False
     assert "no C compiler found" in summary["compile_error"]
+
+
+def test_compile_is_skipped_where_it_is_known_to_compute_wrongly(tmp_path, monkeypatch):
+    """bf16 autocast on a CPU trains eagerly (inductor's CPU bf16 code gave NaN gradients for
+    airbench94): the run completes, and its record says why it is not compiled."""
+    from ablate.run import execute
+
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled a bf16 CPU run"))
+    summary = execute(make_cfg("+step=step9", "scale=smoke", "data=synthetic", "progress=false",
+                               "precision.cpu_half=bf16"), tmp_path)
+    assert summary["status"] == "completed" and summary["compiled"] is False
+    assert summary["precision_used"] == "bf16" and "bf16" in summary["compile_error"]
 
 
 @pytest.mark.slow
@@ -365,7 +378,8 @@ def test_step9_compiles_with_the_whitening_bias_trainable_and_frozen(tmp_path):
     80 s on a 2-core CPU with a cold inductor cache)."""
     from ablate.run import execute
 
-    summary = execute(make_cfg("+step=step9", "scale=smoke", "data=synthetic", "progress=false"), tmp_path)
+    summary = execute(make_cfg("+step=step9", "scale=smoke", "data=synthetic", "progress=false",
+                               "precision.cpu_half=fp32"), tmp_path)  # bf16 on a CPU trains uncompiled
     assert summary["status"] == "completed" and summary["compiled"] is True and summary["compile_seconds"] > 0
 
 
