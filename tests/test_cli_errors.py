@@ -74,16 +74,6 @@ def test_impossible_values_are_listed_together_before_training(tmp_path):
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
-def test_batch_size_zero_from_a_user_config_dir(tmp_path):
-    """Batch sizes are options of the batch_size group; another size comes from a file of one's own."""
-    option = tmp_path / "conf" / "batch_size" / "0.yaml"
-    option.parent.mkdir(parents=True)
-    option.write_text("# @package _global_\nbatch_size: 0\n")
-    out = _cli("--config-dir", str(tmp_path / "conf"), "+step=step4", "batch_size=0",
-               f"hydra.run.dir={tmp_path / 'run'}")
-    _fails_cleanly(out, "batch_size=0 must be > 0", code=2)
-
-
 def _image(path, mode="RGB"):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new(mode, (32, 32)).save(path)
