@@ -295,12 +295,14 @@ def test_two_recipes_of_one_step_are_two_entries_everywhere(tmp_path):
 
 
 def test_recipes_that_labels_would_merge_stay_apart(tmp_path):
-    """Two recipes differing only in what labels leave out (the fp16 mapping asked for) get the recipe
-    key appended rather than one shared row."""
+    """Two recipes differing only in what labels leave out (the fp16 mapping asked for) are told apart
+    by the precision that ran, or by their recipe key where that is the same too."""
     for i, half in enumerate(("fp32", "bf16")):
         config, choices = _composed("+step=step8", "scale=smoke", f"precision.cpu_half={half}")
-        _write(tmp_path, f"r{i}", config, choices, (50.0, 60.0), 10.0)
-    labels = sorted(aggregate(load_runs(tmp_path)[0]).label)
+        _write(tmp_path / "ran", f"r{i}", config, choices, (50.0, 60.0), 10.0, precision=half)
+        _write(tmp_path / "same", f"r{i}", config, choices, (50.0, 60.0), 10.0, precision="fp32")
+    assert sorted(aggregate(load_runs(tmp_path / "ran")[0]).label) == ["step8 · ran bf16", "step8 · ran fp32"]
+    labels = sorted(aggregate(load_runs(tmp_path / "same")[0]).label)
     assert len(labels) == 2 and all(lab.startswith("step8 #") for lab in labels)
 
 

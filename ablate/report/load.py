@@ -21,7 +21,7 @@ import yaml
 from ablate.compose import journey_order, journey_steps  # noqa: F401 (the report's API)
 from ablate.records import (CONFIG, METRICS, SUMMARY, published_seconds, read_config, read_metrics, recipe_key,
                             record_problems)
-from ablate.report.labels import read_overrides, recipe_changes, recipe_label
+from ablate.report.labels import SEPARATOR, read_overrides, recipe_changes, recipe_label
 
 # The accuracy a run has to reach, by scale, where its record keeps the default 94%. At scale=cpu the
 # networks are a quarter as wide and the final recipes reach about 86.5-87.5% (experiments/journey-cpu),
@@ -173,15 +173,25 @@ def _read_record(root: Path, run_dir: Path, summary: dict, target: float | None,
     return row, metrics
 
 
+def _formats(run: pd.Series) -> str:
+    layout = {True: "channels_last", False: "NCHW"}.get(run.channels_last, "")
+    return " ".join(x for x in (f"ran {run.precision_used}" if run.precision_used else "", layout) if x)
+
+
 def _distinct_labels(runs: pd.DataFrame) -> pd.DataFrame:
-    """Two recipes of one step, scale and device never share a label: where they would (they differ
-    only in what labels leave out, say the fp16 mapping asked for), the recipe key is appended."""
+    """Two recipes of one step, scale and device never share a label. Where they would (they differ
+    only in what labels leave out: the fp16 mapping or the layout asked for), the formats that ran are
+    appended (``step8 · ran bf16 channels_last``), and the recipe key where even those agree."""
     for _, group in runs.groupby(["step", "scale", "device", "label"], dropna=False, sort=False):
         recipes = list(dict.fromkeys(group.recipe))
-        if len(recipes) > 1:
-            for recipe in recipes:
-                hit = group.index[group.recipe == recipe]
-                runs.loc[hit, "label"] = runs.loc[hit, "label"] + f" #{recipe[:6]}"
+        if len(recipes) < 2:
+            continue
+        formats = {r: _formats(group[group.recipe == r].iloc[0]) for r in recipes}
+        for recipe in recipes:
+            hit = group.index[group.recipe == recipe]
+            distinct = list(formats.values()).count(formats[recipe]) == 1 and formats[recipe]
+            suffix = f"{SEPARATOR}{formats[recipe]}" if distinct else f" #{recipe[:6]}"
+            runs.loc[hit, "label"] = runs.loc[hit, "label"] + suffix
     return runs
 
 
