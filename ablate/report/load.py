@@ -33,6 +33,7 @@ DEFAULT_TARGET = 94.0
 # the sweep directory by default: they are not runs of their own.
 TRACKER_STORE = "mlruns"
 
+
 def _check_numbers(summary: dict) -> None:
     for key in ("test_acc", "train_seconds", "eval_seconds", "epochs", "seed"):
         value = summary.get(key)
