@@ -17,7 +17,7 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -90,7 +90,7 @@ def estimate(recipe: str, step: str, scale: str, records: list[Record]) -> tuple
     return None, ""
 
 
-def job_config(master: DictConfig, overrides: list[str], num: int, loader) -> DictConfig:
+def job_config(master: DictConfig, overrides: list[str], num: int, loader: Any) -> DictConfig:
     """Job ``num``'s config, composed as Hydra's basic launcher composes it (``hydra`` node included,
     set as the current HydraConfig so that the sweep's subdirectory pattern resolves)."""
     cfg = loader.load_sweep_config(master, overrides)
@@ -109,19 +109,23 @@ def plan(overrides: Sequence[str]) -> tuple[Path, DictConfig, Optional[list[Job]
         if expanded is None:
             return sweep_dir, master, None
         records = sweep_records(sweep_dir)
-        jobs = []
-        for num, job_overrides in enumerate(expanded):
-            cfg = job_config(master, list(job_overrides), num, loader)
-            subdir, choices = str(cfg.hydra.sweep.subdir), dict(cfg.hydra.runtime.choices)
-            with open_dict(cfg):
-                del cfg["hydra"]
-            validate(cfg)
-            resolved = OmegaConf.to_container(cfg, resolve=True)
-            key, step = config_key(resolved), cfg.step.id
-            seconds, like = estimate(recipe_key(resolved), step, cfg.scale.name, records)
-            jobs.append(Job(num, recipe_label(step, recipe_changes(step, resolved, choices)), cfg.seed, subdir,
-                            status_of(cfg, key, sweep_dir, records), seconds, like))
+        jobs = [describe(job_config(master, list(job_overrides), num, loader), num, sweep_dir, records)
+                for num, job_overrides in enumerate(expanded)]
     return sweep_dir, master, jobs
+
+
+def describe(cfg: DictConfig, num: int, sweep_dir: Path, records: list[Record]) -> Job:
+    """Job ``num`` of the plan, from its composed config (its ``hydra`` node included, then dropped):
+    checked as the job would check it, labelled as the report labels it."""
+    subdir, choices = str(cfg.hydra.sweep.subdir), dict(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    validate(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    step = cfg.step.id
+    seconds, like = estimate(recipe_key(resolved), step, cfg.scale.name, records)
+    return Job(num, recipe_label(step, recipe_changes(step, resolved, choices)), cfg.seed, subdir,
+               status_of(cfg, config_key(resolved), sweep_dir, records), seconds, like)
 
 
 def format_plan(sweep_dir: Path, jobs: list[Job], at_once: int = 1) -> str:
@@ -149,7 +153,7 @@ def format_plan(sweep_dir: Path, jobs: list[Job], at_once: int = 1) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from ablate.run import BAD_INPUT, one_line
+    from ablate.run import BAD_INPUT, int_choice_message, one_line
 
     parser = argparse.ArgumentParser(
         prog="ablate plan", description="List the jobs a sweep would run, without training anything: each job's "
@@ -161,8 +165,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     try:
         sweep_dir, master, jobs = plan(args.overrides)
-    except (*BAD_INPUT, ConfigError) as err:
-        print(f"ablate plan: {one_line(err)}", file=sys.stderr)
+    except Exception as err:  # bad input exits 2 with one line, as `ablate run` does; anything else is a bug
+        message = one_line(err) if isinstance(err, (*BAD_INPUT, ConfigError)) else int_choice_message(err, args.overrides)
+        if message is None:
+            raise
+        print(f"ablate plan: {message}", file=sys.stderr)
         sys.exit(2)
     if jobs is None:
         print(f"ablate plan: the sweeper of this sweep ({master.hydra.sweeper._target_}) chooses each job from the "

@@ -20,6 +20,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -146,6 +147,19 @@ def run_info(cfg: DictConfig, resolved: dict, choices: dict | None, run_dir: Pat
                    root=Path(root), experiment=cfg.tracking.experiment or Path(root).name, run_dir=Path(run_dir))
 
 
+def announce(cfg: DictConfig, label: str, position: tuple[str, str], checkpoints: Checkpoints, run_dir: Path) -> None:
+    """The run's first log lines: where it stands (in a sweep: ``job 3/15 · step4_6 · arch=residual_l2 ·
+    seed 0 · about 6 min left (2 done)``) and, with checkpoints, whether it resumes or how it would."""
+    where, left = position
+    log.info("%s | scale %s | run dir %s", " · ".join(p for p in (where, label, f"seed {cfg.seed}", left) if p),
+             cfg.scale.name, run_dir)
+    if checkpoints.state:
+        log.info("resuming from the checkpoint after epoch %d (%s)", checkpoints.resume_epoch, run_dir)
+    elif cfg.checkpoint.every and not where:  # a sweep job resumes by the sweep's own command
+        log.info("a checkpoint every %d epochs: if interrupted, the same command with hydra.run.dir=%s goes on "
+                 "from the last one", cfg.checkpoint.every, run_dir)
+
+
 def _train_and_record(cfg: DictConfig, run_dir: Path, resolved: dict, choices: dict | None, facts: dict,
                       root: Path, position: tuple[str, str]) -> dict:
     checkpoints = Checkpoints(run_dir, cfg.checkpoint, config_key(resolved))
@@ -153,15 +167,9 @@ def _train_and_record(cfg: DictConfig, run_dir: Path, resolved: dict, choices: d
     if facts:
         record.update(**facts)
     info = run_info(cfg, resolved, choices, run_dir, root)
-    where, left = position  # job 3/15 · step4_6 · arch=residual_l2 · seed 0 · about 6 min left (2 done)
-    log.info("%s | scale %s | run dir %s", " · ".join(p for p in (where, info.tags["label"], f"seed {cfg.seed}", left) if p),
-             cfg.scale.name, run_dir)
-    if checkpoints.state:
-        log.info("resuming from the checkpoint after epoch %d (%s)", checkpoints.resume_epoch, run_dir)
-    elif cfg.checkpoint.every and not where:
-        log.info("a checkpoint every %d epochs: if interrupted, the same command with hydra.run.dir=%s goes on "
-                 "from the last one", cfg.checkpoint.every, run_dir)
+    announce(cfg, info.tags["label"], position, checkpoints, run_dir)
     tracker = make_tracker(cfg.tracking)
+    # A resumed run goes on in its tracker's run of before, from the epoch after its checkpoint.
     info.first_epoch, info.previous = checkpoints.resume_epoch + 1, record.previous.get("tracking") or {}
     if tracked := tracker.start(info):
         record.update(tracking=tracked)
@@ -285,6 +293,23 @@ def one_line(err: BaseException) -> str:
     return "; ".join(lines)
 
 
+# Hydra parses `batch=512` as an int and refuses an int as a config-group choice, with a ValueError
+# that names neither the override nor the fix (not one of its own errors, so not in BAD_INPUT).
+INT_CHOICE_ERROR = "Config group override must be a string or a list"
+
+
+def int_choice_message(err: BaseException, args: list[str]) -> str | None:
+    """For Hydra's refusal of a number as a group's option: which overrides did it and what to write
+    instead (``batch_size=512``, the value, or ``batch='512'``, the named option); None for any other error."""
+    if not (isinstance(err, ValueError) and INT_CHOICE_ERROR in str(err)):
+        return None
+    culprits = [a for a in args if re.fullmatch(r"\+{0,2}([\w/]+)=\d+(,\d+)*", a)
+                and (CONF_DIR / a.lstrip("+").split("=")[0]).is_dir()]
+    group, value = (culprits[0].split("=", 1) if culprits else ("group", "512"))
+    return (f"{' '.join(culprits) or 'a group=<number> override'}: an option named by a number needs quotes "
+            f"({group}='{value.split(',')[0]}'), and any batch size is a value: batch_size=<n>")
+
+
 @contextlib.contextmanager
 def bad_input_exits_2() -> Iterator[None]:
     """Make Hydra's handler of errors (``run_and_report``, which prints them and exits 1) exit 2,
@@ -302,7 +327,10 @@ def bad_input_exits_2() -> Iterator[None]:
             print(f"ablate: {one_line(err)}", file=sys.stderr, flush=True)
             sys.exit(2)
         except Exception as err:
-            return original(lambda: _reraise(err))
+            if (message := int_choice_message(err, sys.argv[1:])) is None:
+                return original(lambda: _reraise(err))
+            print(f"ablate: {message}", file=sys.stderr, flush=True)
+            sys.exit(2)
 
     hydra_utils.run_and_report = run_and_report
     try:

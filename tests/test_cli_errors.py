@@ -62,7 +62,7 @@ def test_bad_input_exits_2_naming_the_culprit_without_a_traceback(bad_input, nam
         assert (summary["status"], summary["failure"]) == ("failed", "diverged")
     else:
         assert not (run / "summary.json").exists()
-    message = [line for line in r["output"].splitlines() if line.startswith(("ablate:", "python -m ablate.report:"))]
+    message = [line for line in r["output"].splitlines() if line.startswith(("ablate:", "ablate report:"))]
     assert len(message) == 1 or name.startswith("sweep_"), r["output"][-2000:]  # one line says it all
 
 
