@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 import torch
 from hydra.core.global_hydra import GlobalHydra
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ablate.device import cpu_count, resolve_channels_last, resolve_device, resolve_precision
 from ablate.lifeline import LAUNCHER_PID_ENV, tie_joblib_workers
@@ -240,16 +240,18 @@ JOB_COUNT_ENV = "ABLATE_SWEEP_JOBS"  # how many jobs the sweep invocation has, f
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
-def sweep_jobs(cfg: DictConfig, config_loader: Any) -> list[list[str]] | None:
+def sweep_jobs(cfg: DictConfig, config_loader: Any = None) -> list[list[str]] | None:
     """Each job's overrides, in job-number order, of the sweep that ``cfg`` (a config composed in
     MULTIRUN mode, its ``hydra`` node kept) describes: what Hydra's basic sweeper launches, by its own
     parsing and expansion (``hydra.sweeper.params``, then the command line). None for another
-    sweeper (Post 5's coordinate descent chooses each job from the results before it)."""
+    sweeper (Post 5's coordinate descent chooses each job from the results before it), or a config
+    without one. ``config_loader``: the running Hydra's unless given."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    if cfg.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
+    if OmegaConf.select(cfg, "hydra.sweeper._target_") != BASIC_SWEEPER:
         return None
+    config_loader = config_loader or GlobalHydra.instance().config_loader()
     params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.get("params") or {}).items()]
     arguments = params + list(cfg.hydra.overrides.task)
     overrides = OverridesParser.create(config_loader=config_loader).parse_overrides(arguments)
@@ -381,7 +383,7 @@ class SweepCallback(Callback):
         self.invocation, self._lock = start_invocation(Path(str(config.hydra.sweep.dir)))
         self._environ = {k: os.environ.get(k) for k in (INVOCATION_ENV, LAUNCHER_PID_ENV, JOB_COUNT_ENV)}
         os.environ.update({INVOCATION_ENV: self.invocation, LAUNCHER_PID_ENV: str(os.getpid())})
-        jobs = sweep_jobs(config, GlobalHydra.instance().config_loader())
+        jobs = sweep_jobs(config)
         if jobs is not None:  # each job's progress line says "job 3/15"
             os.environ[JOB_COUNT_ENV] = str(len(jobs))
         self._untie = tie_joblib_workers()

@@ -44,7 +44,9 @@ def _untimed(rows):
 
 # step 8: the device loader, Page's EMA, ghost BN, whitening, the 2019 update, flip TTA;
 # step 9_7: lookahead, alternating flips, multi-crop TTA, a frozen whitening bias; step 4: the per-image loader.
-@pytest.mark.parametrize("step", ["step8", "step9_7", "step4"])
+# step8 stays in the default suite; the other two (10-20 s each) run with -m slow.
+@pytest.mark.parametrize("step", ["step8", pytest.param("step9_7", marks=pytest.mark.slow),
+                                  pytest.param("step4", marks=pytest.mark.slow)])
 def test_a_run_killed_after_epoch_1_resumes_and_ends_as_an_uninterrupted_one(step, tmp_path):
     overrides = [f"+step={step}", *SMOKE, "checkpoint.every=1", "checkpoint.final=true"]
     whole = execute(make_cfg(*overrides), tmp_path / "whole")
