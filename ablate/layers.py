@@ -66,7 +66,10 @@ class GhostBatchNorm(nn.BatchNorm2d):
                                         s, momentum, self.eps)
         y = F.batch_norm(x.view(n // s, c * s, h, w), self.running_mean, self.running_var,
                          self.weight.repeat(s), self.bias.repeat(s), True, momentum, self.eps)
-        return y.view(n, c, h, w)
+        # Reshaped without autograd tracking it as a view of y: an in-place activation on a tracked view
+        # makes autograd rebase it (CopySlices), which copies the whole activation gradient twice in
+        # the backward pass. y itself is referenced by nothing else, so there is nothing to rebase.
+        return torch.ops.aten._unsafe_view(y, (n, c, h, w))
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:

@@ -109,6 +109,26 @@ def test_ghost_bn_channels_last_path_matches_nchw_in_gradients_and_running_stati
                                     (x[:8, :, :3, :3].clone().requires_grad_(), layer.weight, layer.bias))
 
 
+def test_ghost_bn_output_takes_an_in_place_activation_without_a_rebase() -> None:
+    """Blocks run their activation in place on the norm's output. The NCHW path's output must not be an
+    autograd view of the batch norm's (N/S, C*S, H, W) result, or every in-place activation costs a
+    CopySlices rebase (two activation-sized copies per layer in the backward pass); the gradients must
+    be those of an out-of-place activation."""
+    ghost = GhostBatchNorm(C, splits=4).double()
+    _randomise_affine(ghost)
+    x = _batch().double() * 3 + 1
+    grad = torch.randn_like(x)
+    grads = []
+    for act in (nn.CELU(0.3, inplace=True), nn.CELU(0.3)):
+        layer, inp = copy.deepcopy(ghost), x.clone().requires_grad_()
+        y = layer(inp)
+        assert not y._is_view()
+        (act(y) * grad).sum().backward()
+        grads.append((inp.grad, layer.weight.grad, layer.bias.grad))
+    for in_place, out_of_place in zip(*grads):
+        torch.testing.assert_close(in_place, out_of_place)
+
+
 def test_ghost_bn_accepts_half_input_when_the_layer_is_fp32() -> None:
     ghost = GhostBatchNorm(C, splits=4)  # fp32 BN inside an fp16 model (fp16_bn32)
     x = _batch()
