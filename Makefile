@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
-	$(VENV)/bin/pip install -e '.[dev,parallel,slurm]'
+	$(VENV)/bin/pip install -e '.[dev,parallel,slurm,mlflow,tensorboard]'  # the trackers' tests read their stores
 	touch $@
 
 demo: $(VENV)/.installed

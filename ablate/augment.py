@@ -135,6 +135,12 @@ class AlternatingFlips:
         self.epoch += 1
         return flips
 
+    def state_dict(self) -> dict:  # for checkpoints (ablate.checkpoint)
+        return dict(first=self.first, epoch=self.epoch)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.first, self.epoch = state["first"], state["epoch"]
+
 
 # --------------------------------------------------------------------------------------------------
 # Applying choices
@@ -274,6 +280,15 @@ class PerImageDataset(Dataset):
         flip = bool(torch.rand(1, generator=g) < 0.5) if aug.flip else False
         span = IMAGE_SIZE - aug.cutout + 1 if aug.cutout > 0 else 1
         return Choice(crop, flip, (draw(span), draw(span)))
+
+    def state_dict(self) -> dict:
+        """For checkpoints: the per-call choices' generator, which carries over epochs when the images
+        are augmented in this process (``loader.workers=0``; workers start from fresh seeds each epoch)."""
+        return dict(generator=None if self._gen is None else self._gen.get_state())
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["generator"] is not None:
+            self._generator().set_state(state["generator"])
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         crop, flip, cut = self.choice(i)

@@ -3,7 +3,8 @@
 ``python -m ablate.run``, the report, the bench and the tests all compose ``conf/config.yaml`` the
 same way: the typed schema (``ablate.config``), one ``arch`` option per registered network (the
 registry is the source of the names) and the Post 5 coordinate-descent sweeper, put into the store
-by ``register`` (once; it is idempotent), and batch sizes quoted as Hydra needs them.
+by ``register`` (once; it is idempotent). ``compose`` also works inside a running Hydra job (the tracker
+names a run by how it differs from its step, which composes the step).
 
 The resolver ``${ablate.recipe:}`` (registered on import, so that every process resolving a sweep's
 subdirectory has it: joblib's and submitit's workers import this module with the job) gives a job's
@@ -12,18 +13,19 @@ share a directory, whatever their step and seed.
 """
 from __future__ import annotations
 
-import re
+import contextlib
 from pathlib import Path
+from typing import Any, Iterator
 
-from hydra import compose as hydra_compose
+import yaml
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.global_hydra import GlobalHydra
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-NUMERIC_GROUPS = ("batch_size",)
-_NUMERIC_CHOICE = re.compile(r"^(\+{0,2}(%s))=(\d+(,\d+)*)$" % "|".join(NUMERIC_GROUPS))
 _registered = False
 UNRESOLVED_KEY = "unresolved"  # the recipe key of a job whose config does not resolve (validate says why)
 
@@ -43,14 +45,6 @@ def recipe_dir_key(*, _root_: DictConfig) -> str:
 
 OmegaConf.register_new_resolver("ablate.recipe", recipe_dir_key, replace=True)
 
-
-def quote_numeric_choices(overrides: list[str]) -> list[str]:
-    """``batch_size=512`` -> ``batch_size='512'``: Hydra parses 512 as an int and refuses an int as a
-    config-group choice, so the options named by numbers are quoted for it (sweeps too)."""
-    def quote(arg: str) -> str:
-        m = _NUMERIC_CHOICE.match(arg)
-        return f"{m.group(1)}=" + ",".join(f"'{v}'" for v in m.group(3).split(",")) if m else arg
-    return [quote(a) for a in overrides]
 
 
 def register() -> None:
@@ -72,9 +66,52 @@ def register() -> None:
     _registered = True
 
 
-def compose(overrides: list[str] | tuple[str, ...] = (), return_hydra_config: bool = False) -> DictConfig:
-    """The config ``python -m ablate.run`` composes for these command-line overrides."""
+@contextlib.contextmanager
+def hydra_ready() -> Iterator[Any]:
+    """Hydra set up with ablate's configs for the block (left as it is inside a running Hydra app);
+    yields its config loader."""
     register()
+    if GlobalHydra.instance().is_initialized():
+        yield GlobalHydra.instance().config_loader()
+        return
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=quote_numeric_choices(list(overrides)),
-                             return_hydra_config=return_hydra_config)
+        yield GlobalHydra.instance().config_loader()
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), return_hydra_config: bool = False,
+            run_mode: RunMode = RunMode.RUN) -> DictConfig:
+    """The config ``python -m ablate.run`` composes for these command-line overrides; with ``run_mode``
+    MULTIRUN, a sweep's (its sweep values are left to its jobs). What ``hydra.compose`` does, with the run
+    mode as a parameter, and inside a running Hydra app (a job) too, by that app's Hydra: a job can
+    compose other recipes (its step's, to name how it differs)."""
+    with hydra_ready():
+        cfg = GlobalHydra.instance().hydra.compose_config(  # type: ignore[union-attr]
+            "config", overrides=list(overrides), run_mode=run_mode, from_shell=False, with_log_configuration=False)
+    if not return_hydra_config:
+        with open_dict(cfg):
+            del cfg["hydra"]
+    return cfg
+
+
+def journey_order(conf_dir: Path = CONF_DIR) -> list[str]:
+    """Step ids in journey order, read from the step chain itself (each step names its parent)."""
+    parents = {}
+    for path in (conf_dir / "step").glob("*.yaml"):
+        defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults", [])
+        parent = next((d for d in defaults if isinstance(d, str) and d != "_self_"), None)
+        parents[path.stem] = parent
+    children = {p: c for c, p in parents.items()}
+    order, step = [], next(s for s, p in parents.items() if p is None)
+    while step is not None:
+        order.append(step)
+        step = children.get(step)
+    return order
+
+
+def journey_steps(conf_dir: Path = CONF_DIR) -> list[dict]:
+    """Every step's own block (id, stage, change, ref) from ``conf/step``, in journey order."""
+    blocks = {}
+    for path in (conf_dir / "step").glob("*.yaml"):
+        step = (yaml.safe_load(path.read_text()) or {}).get("step") or {}
+        blocks[path.stem] = dict(step, id=step.get("id", path.stem))
+    return [blocks[s] for s in journey_order(conf_dir)]

@@ -197,6 +197,28 @@ class MonitorConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """An experiment tracker that sees every run (``ablate.tracking``); none by default. Tracking never
+    changes what a run computes, so it stays out of the config key (``ablate.records``)."""
+
+    kind: str = "none"  # 'none' | 'mlflow' | 'tensorboard' (ablate.tracking.TRACKERS)
+    # MLflow: the tracking URI; TensorBoard: the log directory. None: $MLFLOW_TRACKING_URI when set (MLflow),
+    # else a local store under the run root (the sweep directory, or a single run's parent directory):
+    # <root>/mlruns or <root>/tensorboard.
+    uri: Optional[str] = None
+    experiment: Optional[str] = None  # MLflow experiment name; None: the run root's name (a sweep: one experiment)
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable checkpoints (``ablate.checkpoint``). They never change what a run computes (a resumed run
+    ends as an uninterrupted one), so they stay out of the config key."""
+
+    every: int = 0  # save model, optimiser, EMA, schedule position and RNG states every this many epochs; 0: never
+    final: bool = False  # keep the final weights (the EMA's when there is one) in final.pt, for `ablate eval`
+
+
+@dataclass
 class DataConfig:
     source: str = "auto"  # auto: an ImageFolder tree if root has train/ and test/, else torchvision CIFAR-10
     root: Optional[str] = None
@@ -262,6 +284,8 @@ class Config:
     compile: bool = False  # torch.compile the model; compile time is kept out of train time and reported
     target_acc: float = 94.0  # percent; for time-to-target and the share of runs reaching it
     progress: bool = True  # a progress bar within each epoch
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 def register_configs() -> None:

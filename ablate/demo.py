@@ -22,7 +22,14 @@ STEP = "step8"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="ablate demo", description=f"Train the final recipe ({STEP}, the 26 s one) on this machine: at full scale "
+        "on a GPU, at scale=cpu (widths x 1/4) otherwise; then report it beside the committed CPU-scale journey "
+        f"({JOURNEY.relative_to(REPO)}) and print where the timeline and the report are.")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides passed on to `ablate run`, e.g. seed=1 scale=smoke")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv).overrides
     asked = [a.split("=", 1)[1] for a in args if a.startswith("scale=")]
     scale = asked[-1] if asked else "full" if torch.cuda.is_available() else "cpu"
     where = f"GPU {torch.cuda.get_device_name()}" if scale == "full" else "no GPU found"

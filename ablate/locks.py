@@ -11,6 +11,7 @@ killed mid-write: ``remove_stale_temps`` deletes it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -23,6 +24,7 @@ except ImportError:  # not POSIX: locks are not available, callers carry on unlo
     fcntl = None  # type: ignore[assignment]
 
 TMP_SUFFIX = ".tmp"
+LOCK_MODE = 0o644  # as records.FILE_MODE (records imports this module, not the other way round)
 
 
 class Busy(RuntimeError):
@@ -55,7 +57,9 @@ def try_lock(path: Path) -> Optional[Lock]:
     Without flock (not POSIX) the returned lock guards nothing. OSError when the file cannot be made."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")
+    handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, LOCK_MODE), "a+")
+    with contextlib.suppress(OSError):  # another user's lock file: readable as it is
+        os.fchmod(handle.fileno(), LOCK_MODE)  # whatever the umask, so colleagues can read who holds it
     if fcntl is None:
         return Lock(path, handle)
     try:

@@ -9,11 +9,12 @@ its trainable parameters and forward MACs per image.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import itertools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -612,29 +613,55 @@ REGISTRY: dict[str, NetSpec] = _registry()
 
 
 # --------------------------------------------------------------------------------------------------
-# python -m ablate.models
+# python -m ablate.models (ablate models)
 
 
-def main() -> None:
-    """Print every registered network at full scale: its weights (``count_weights``: trainable parameters
-    and fixed whitening filters), the trainable parameters alone, forward MACs, description."""
+def model_rows(pattern: str = "") -> list[dict]:
+    """Every registered network whose name matches ``pattern`` (a shell-style pattern such as
+    ``residual_*``, or a part of the name), at full scale: its weights (``count_weights``: trainable
+    parameters and fixed whitening filters), the trainable parameters alone, forward MACs, description."""
+    def matches(name: str) -> bool:
+        return fnmatch.fnmatch(name, pattern) if any(c in pattern for c in "*?[") else pattern in name
+
     rows = []
-    for name in REGISTRY:
+    for name in (n for n in REGISTRY if matches(n)):
         model = build_published(name)
-        rows.append((name, f"{count_weights(model):,}", f"{count_params(model):,}", f"{count_macs(model) / 1e6:.1f}",
-                     REGISTRY[name].description))
-    header = ("network", "params", "trainable", "MACs (M)", "description")
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+        rows.append(dict(network=name, params=count_weights(model), trainable=count_params(model),
+                         macs=count_macs(model), description=REGISTRY[name].description))
+    return rows
 
-    def line(cells: tuple[str, ...]) -> str:
-        name, *numbers, description = cells
+
+def format_table(rows: list[dict]) -> str:
+    header = ("network", "params", "trainable", "MACs (M)", "description")
+    cells = [(r["network"], f"{r['params']:,}", f"{r['trainable']:,}", f"{r['macs'] / 1e6:.1f}", r["description"])
+             for r in rows]
+    widths = [max(len(row[i]) for row in (header, *cells)) for i in range(len(header))]
+
+    def line(row: tuple[str, ...]) -> str:
+        name, *numbers, description = row
         return "  ".join([f"{name:<{widths[0]}}", *(f"{n:>{w}}" for n, w in zip(numbers, widths[1:])), description])
 
-    print(line(header))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(line(row))
-    print("(params: every weight, the fixed whitening filters included; trainable: what the optimiser updates)")
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, cells),
+                      "(params: every weight, the fixed whitening filters included; trainable: what the optimiser "
+                      "updates)"])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="ablate models", description="The registered networks (the options of arch=...) at full scale: "
+        "every weight, the trainable parameters, forward MACs for one image, and what each network is.")
+    parser.add_argument("pattern", nargs="?", default="",
+                        help="only networks whose name contains this, or matches it as a shell pattern (residual_*)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list of objects instead of a table")
+    args = parser.parse_args(argv)
+    rows = model_rows(args.pattern)
+    if not rows:
+        parser.error(f"no network matches {args.pattern!r}; the networks: {', '.join(REGISTRY)}")
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+
 
 if __name__ == "__main__":
     main()

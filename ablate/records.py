@@ -34,8 +34,10 @@ SUMMARY, METRICS, CONFIG = "summary.json", "metrics.jsonl", "config.yaml"
 FILE_MODE = 0o644  # records, configs and caches: as readable as the data they describe
 
 # Keys that do not change what a run computes; they are left out of the config key. The data cache's
-# location (ABLATE_CACHE) differs between machines and CI clones that compute the same run.
-_NOT_IN_KEY = ("progress", "data.cache_dir")
+# location (ABLATE_CACHE) differs between machines and CI clones that compute the same run; a tracker
+# only watches a run, and a run resumed from a checkpoint ends as an uninterrupted one. (Fields added
+# to the schema later than a record are filled with their defaults first, ``with_current_defaults``.)
+_NOT_IN_KEY = ("progress", "data.cache_dir", "tracking", "checkpoint")
 # The rules of earlier commits, under which committed summaries recorded their key: before 0c28bbc
 # only ``progress`` was left out (see ``recorded_keys``).
 _EARLIER_NOT_IN_KEY = (("progress",),)
@@ -60,6 +62,17 @@ def atomic_file(path: Path, binary: bool = False) -> Iterator[IO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def share_readable(*paths: Path) -> None:
+    """Make the files among ``paths`` (and the files inside those that are directories) ``FILE_MODE``,
+    whatever the umask they were written under: Hydra's own files of a run (.hydra/, the log) and a
+    sweep (multirun.yaml), which Hydra writes with the process's umask."""
+    for path in map(Path, paths):
+        for file in (sorted(path.rglob("*")) if path.is_dir() else [path]):
+            with contextlib.suppress(OSError):  # gone, or not ours: only readability is lost
+                if file.is_file():
+                    os.chmod(file, FILE_MODE)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -233,24 +246,32 @@ class RecordExists(RuntimeError):
 
 class RunRecord:
     """Writes one run's directory as the run goes; nothing finished is ever rewritten. The caller
-    holds the run's lock (``ablate.sweep.hold_run``), so no other process writes here meanwhile."""
+    holds the run's lock (``ablate.sweep.hold_run``), so no other process writes here meanwhile.
 
-    def __init__(self, run_dir: Path, config: dict, choices: dict | None = None) -> None:
+    ``resume`` (the counters of the checkpoint a run goes on from, ``ablate.checkpoint``) keeps the
+    metrics rows of the epochs before it, so that metrics.jsonl still holds epochs 1..N, and the
+    summary's ``resumed`` lists each resumption: from which epoch, and the train and evaluation seconds
+    measured before it (in the totals, which count the preprocessing once)."""
+
+    def __init__(self, run_dir: Path, config: dict, choices: dict | None = None, resume: dict | None = None) -> None:
         self.dir = Path(run_dir)
-        previous = read_summary(self.dir)
-        if previous and previous.get("status") == "completed":
-            raise RecordExists(f"{self.dir} already holds a completed run (step {previous.get('step')}, "
-                               f"seed {previous.get('seed')}); it is kept. Choose another directory "
+        self.previous = read_summary(self.dir) or {}  # an unfinished run's, when it is run again
+        if self.previous.get("status") == "completed":
+            raise RecordExists(f"{self.dir} already holds a completed run (step {self.previous.get('step')}, "
+                               f"seed {self.previous.get('seed')}); it is kept. Choose another directory "
                                "(hydra.run.dir=... or hydra.sweep.dir=...).")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = config
         self.started = time.time()
         write_atomic(self.dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
+        kept = read_metrics(self.dir)[0][:resume["epoch"]] if resume else []
         # A re-run of an unfinished job starts afresh, in a file of its own: the old one is unlinked
         # and the new one stays open, so a writer that still held the old one can only reach that.
         (self.dir / METRICS).unlink(missing_ok=True)
         self._metrics = os.fdopen(os.open(self.dir / METRICS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE), "a")
         os.fchmod(self._metrics.fileno(), FILE_MODE)  # whatever the umask
+        for row in kept:
+            self.epoch(row)
         self.summary: dict[str, Any] = {
             "status": "running",
             "step": config["step"]["id"],
@@ -265,6 +286,10 @@ class RunRecord:
             "host": socket.gethostname(),
             "started": _iso(self.started),
         }
+        if resume:
+            self.summary["resumed"] = [*self.previous.get("resumed", []), dict(
+                from_epoch=resume["epoch"], train_seconds_before=round(resume["train_seconds"], 3),
+                eval_seconds_before=round(resume["eval_seconds"], 3), interrupted_run_started=self.previous.get("started"))]
         self._write_summary()
 
     def epoch(self, row: dict) -> None:

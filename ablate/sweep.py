@@ -1,5 +1,7 @@
 """Sweeps: where each job runs, which jobs already completed, and what the sweep did.
 
+* The jobs of a sweep (``sweep_jobs``), as Hydra's basic sweeper expands them: ``ablate plan`` lists
+  them, and each job's progress line says where it stands (``job_progress``: job 3/15, time left).
 * Job placement (``place_job``): a job of a parallel sweep takes its share of the CPU threads and
   claims a GPU of its own when it can, and its record says when a GPU was shared.
 * One training per run (``hold_run``): a job holds its run directory's lock and, in a sweep, its
@@ -28,14 +30,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from hydra.core.global_hydra import GlobalHydra
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ablate.device import cpu_count, resolve_channels_last, resolve_device, resolve_precision
 from ablate.lifeline import LAUNCHER_PID_ENV, tie_joblib_workers
+from ablate.progress import duration
 from ablate.locks import Busy, Lock, holder, is_held, remove_stale_temps, try_lock
 from ablate.records import (SUMMARY, config_key, read_config, read_metrics, read_summary, record_problems,
-                            to_json, writable_dir_problem, write_atomic)
+                            share_readable, to_json, writable_dir_problem, write_atomic)
 
 log = logging.getLogger("ablate")
 
@@ -142,6 +146,17 @@ def joblib_jobs(n_jobs: int | None, cpus: int) -> int:
     return n_jobs if n_jobs > 0 else max(1, cpus + 1 + n_jobs)
 
 
+def jobs_at_once(launcher: Any) -> int:
+    """How many jobs of a sweep run at once on this machine with this ``hydra.launcher``: joblib's
+    ``n_jobs``, submitit_local's batch; 1 for the basic launcher (and SLURM, whose jobs have nodes of their own)."""
+    target = str(launcher.get("_target_", ""))
+    if "joblib" in target:
+        return joblib_jobs(launcher.get("n_jobs", -1), cpu_count())
+    if target.endswith("LocalLauncher"):
+        return int(launcher.get("array_parallelism") or 1)
+    return 1
+
+
 _claimed_gpu: tuple[int, Lock] | None = None  # (index, its lock) held for this process's life
 
 
@@ -196,17 +211,14 @@ def place_job(hydra_cfg: DictConfig, cfg: DictConfig) -> dict:
     facts: dict = {}
     launcher = hydra_cfg.launcher
     target = str(launcher.get("_target_", ""))
-    threads, parallel = None, 1
+    threads, parallel = None, jobs_at_once(launcher)
     if "joblib" in target:
-        parallel = joblib_jobs(launcher.get("n_jobs", -1), cpu_count())
         threads = max(1, cpu_count() // parallel)
     elif "submitit" in target:
         if launcher.get("cpus_per_task"):
             threads = int(launcher.cpus_per_task)
         elif target.endswith("LocalLauncher"):
             threads = 1
-        if target.endswith("LocalLauncher"):  # every job of the batch on this machine (SLURM: own GPUs)
-            parallel = int(launcher.get("array_parallelism") or 1)
     if threads is not None:
         torch.set_num_threads(threads)
         facts["torch_threads"] = threads
@@ -219,6 +231,46 @@ def place_job(hydra_cfg: DictConfig, cfg: DictConfig) -> dict:
         per_gpu = math.ceil(parallel / n_gpus)
         facts.update(cuda_index=index, gpu_shared=per_gpu > 1 or not held, jobs_per_gpu=per_gpu)
     return facts
+
+
+# --------------------------------------------------------------------------------------------------
+# The jobs of a sweep, and where one job stands among them
+
+JOB_COUNT_ENV = "ABLATE_SWEEP_JOBS"  # how many jobs the sweep invocation has, for each job's progress line
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def sweep_jobs(cfg: DictConfig, config_loader: Any = None) -> list[list[str]] | None:
+    """Each job's overrides, in job-number order, of the sweep that ``cfg`` (a config composed in
+    MULTIRUN mode, its ``hydra`` node kept) describes: what Hydra's basic sweeper launches, by its own
+    parsing and expansion (``hydra.sweeper.params``, then the command line). None for another
+    sweeper (Post 5's coordinate descent chooses each job from the results before it), or a config
+    without one. ``config_loader``: the running Hydra's unless given."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if OmegaConf.select(cfg, "hydra.sweeper._target_") != BASIC_SWEEPER:
+        return None
+    config_loader = config_loader or GlobalHydra.instance().config_loader()
+    params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.get("params") or {}).items()]
+    arguments = params + list(cfg.hydra.overrides.task)
+    overrides = OverridesParser.create(config_loader=config_loader).parse_overrides(arguments)
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def job_progress(hydra_cfg: DictConfig, sweep_dir: Path) -> tuple[str, str]:
+    """(``job 3/15``, ``about 6 min left (2 done)``): the job's place in its sweep invocation and, once
+    jobs of it have completed, the time left (their mean duration x the jobs still to finish / the
+    jobs that run at once; '' before)."""
+    num, total = int(hydra_cfg.job.num), os.environ.get(JOB_COUNT_ENV)
+    where = f"job {num + 1}/{total}" if total else f"job {num + 1}"
+    invocation = os.environ.get(INVOCATION_ENV)
+    outcomes = read_outcomes(sweep_dir, invocation) if total and invocation else []
+    durations = [o["seconds"] for o in outcomes if o.get("status") == "completed" and o.get("seconds")]
+    if not durations:
+        return where, ""
+    left = (int(total) - len(outcomes)) * (sum(durations) / len(durations)) / jobs_at_once(hydra_cfg.launcher)
+    return where, f"about {duration(left)} left ({len(durations)} done)"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,12 +381,16 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
         self.invocation, self._lock = start_invocation(Path(str(config.hydra.sweep.dir)))
-        self._environ = {k: os.environ.get(k) for k in (INVOCATION_ENV, LAUNCHER_PID_ENV)}
+        self._environ = {k: os.environ.get(k) for k in (INVOCATION_ENV, LAUNCHER_PID_ENV, JOB_COUNT_ENV)}
         os.environ.update({INVOCATION_ENV: self.invocation, LAUNCHER_PID_ENV: str(os.getpid())})
+        jobs = sweep_jobs(config)
+        if jobs is not None:  # each job's progress line says "job 3/15"
+            os.environ[JOB_COUNT_ENV] = str(len(jobs))
         self._untie = tie_joblib_workers()
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
+        share_readable(sweep_dir / "multirun.yaml")  # Hydra wrote it under the umask
         assert self.invocation is not None, "on_multirun_start names the invocation"
         lines, failed = summarise_sweep(sweep_dir, self.invocation)
         print("\n".join(lines), flush=True)

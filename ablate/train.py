@@ -19,9 +19,9 @@ from typing import Callable, ContextManager, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from ablate import augment, data
+from ablate.checkpoint import Checkpoints, Counters, TrainingState
 from ablate.device import (Precision, autocast, cpu_facts, device_name, keep_cpu_memory, load_average, process_usage,
                            resolve_channels_last, resolve_device, resolve_precision, set_math_flags, sync,
                            to_memory_format)
@@ -31,6 +31,7 @@ from ablate.models import (REGISTRY, build_model, count_macs, count_params, coun
                            scale_invariant_weights)
 from ablate.optim import (lars_rescale_, lr_position, make_optimizer, piecewise_linear, schedule_knots,
                           schedule_lrs, set_lr, time_factor, training_epochs)
+from ablate.progress import EpochBar, phase
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,12 @@ class EMA:
                 for avg, src in self._groups:
                     torch._foreach_lerp_(avg, src, 1.0 - self.decay)
 
+    def state_dict(self) -> dict:  # for checkpoints (ablate.checkpoint)
+        return dict(model=self.model.state_dict())
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])  # copied into the tensors _groups holds
+
 
 class Lookahead:
     """airbench94's lookahead (sota-facts section 3, legacy/airbench94.py): after every ``every``-th step
@@ -214,6 +221,15 @@ class Lookahead:
             self._pull(self.decay * (self.steps / self.total) ** self.power)
         if self.steps == self.total:
             self._pull(1.0)  # the average unchanged, the live weights set to it
+
+    def state_dict(self) -> dict:  # for checkpoints; the live weights are the model's own
+        return dict(average=[avg for avg, _ in self._pairs], steps=self.steps)
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        for (avg, _), saved in zip(self._pairs, state["average"]):
+            avg.copy_(saved)
+        self.steps = state["steps"]
 
 
 AVERAGERS: dict[str, Callable[[EMAConfig, nn.Module, int], "EMA | Lookahead"]] = {
@@ -264,7 +280,8 @@ def fit_whitening(model: nn.Module, images: data.Images, device: torch.device) -
     for m in model.modules():
         if isinstance(m, Whitening):
             sample = whitening_sample(len(images.train_x), m.variant.images)
-            m.fit(data.normalise(images.train_x[sample].to(device)))
+            with phase(f"fitting the whitening on {len(sample):,} training images"):
+                m.fit(data.normalise(images.train_x[sample].to(device)))
 
 
 def _biased_whitenings(model: nn.Module) -> list[Whitening]:
@@ -388,17 +405,38 @@ def compile_and_warm_up(cfg, model: nn.Module, warm: Callable[[nn.Module], float
                            compile_error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
 
 
+@dataclass
+class EpochSource:
+    """A factory of training epochs (call it for the next epoch's batches), with what the pipeline
+    carries from one epoch to the next, for checkpoints: airbench's alternating flips, or a per-image
+    dataset's own generator (``PerImageDataset.state_dict``)."""
+
+    make: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+    carried: list
+
+    def __call__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.make()
+
+    def state_dict(self) -> list[dict]:
+        return [part.state_dict() for part in self.carried]
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        for part, state in zip(self.carried, states):
+            part.load_state_dict(state)
+
+
 def _batches(cfg, images: data.Images, device: torch.device, dtype: torch.dtype, generator: torch.Generator,
-             batch_size: int | None = None) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-    """Preprocess the training set for the configured loader; return a factory of epoch iterators of
+             batch_size: int | None = None) -> EpochSource:
+    """Preprocess the training set for the configured loader; return the source of its epochs of
     ``batch_size`` batches (``cfg.batch_size`` unless given)."""
     batch_size = batch_size or cfg.batch_size
     if cfg.loader.kind == "device":
         x, y = resident_training_set(images, cfg.augmentation.crop_pad, device, dtype)
         flips = augment.AlternatingFlips(len(x), generator) if cfg.augmentation.alternating_flip else None
-        return lambda: augment.device_epoch(x, y, cfg.augmentation, batch_size, cfg.loader.drop_last,
-                                            generator, cfg.loader.max_options,
-                                            flips=flips.next_epoch() if flips else None)
+        return EpochSource(lambda: augment.device_epoch(x, y, cfg.augmentation, batch_size, cfg.loader.drop_last,
+                                                        generator, cfg.loader.max_options,
+                                                        flips=flips.next_epoch() if flips else None),
+                           [flips] if flips else [])
     dataset = augment.PerImageDataset(images.train_x, images.train_y, cfg.augmentation, cfg.loader)
     loader = augment.make_loader(dataset, batch_size, cfg.loader, generator,
                                  pin_memory=device.type == "cuda")
@@ -407,7 +445,7 @@ def _batches(cfg, images: data.Images, device: torch.device, dtype: torch.dtype,
         for xb, yb in augment.per_image_epoch(dataset, loader, generator, cfg.augmentation,
                                               cfg.loader.max_options):
             yield (xb.to(device, dtype, non_blocking=True), yb.to(device, non_blocking=True))
-    return epoch
+    return EpochSource(epoch, [dataset])
 
 
 def steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
@@ -472,9 +510,11 @@ def _weight_monitor(model: nn.Module) -> WeightMonitor | None:
 
 
 def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
-          on_epoch: Callable[[dict], None] = lambda row: None) -> dict:
+          on_epoch: Callable[[dict], None] = lambda row: None, checkpoints: Checkpoints | None = None) -> dict:
     """Train the composed recipe ``cfg``; call ``on_start`` with the run's facts once the model is
-    built and ``on_epoch`` with each epoch's metrics; return the final results."""
+    built and ``on_epoch`` with each epoch's metrics; return the final results. ``checkpoints`` saves
+    the training state every ``checkpoint.every`` epochs and, holding a saved state, resumes from it."""
+    checkpoints = checkpoints or Checkpoints()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision.name, device, cfg.precision.cpu_half)
     channels_last = resolve_channels_last(cfg.precision.channels_last, device)
@@ -485,9 +525,10 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
         facts.update(keep_cpu_memory(), torch_threads=torch.get_num_threads(), **cpu_facts())
 
     images = data.take_subset(data.load_images(cfg.data), cfg.scale)  # disk and cache: not timed
-    # A batch larger than the (smoke) training subset is the whole subset: a class-balanced 1,024 can be 1,020.
+    # A batch larger than the (smoke) training subset is the whole subset: a class-balanced 1,024 is 1,020.
     batch = min(batch_size_of(cfg), len(images.train_y))
-    model = build_network(cfg, precision, device)
+    with phase(f"building {cfg.arch.name} on {device_name(device)} ({precision.name})"):
+        model = build_network(cfg, precision, device)
     info = dict(precision_used=precision.name, channels_last=channels_last, device=device_name(device),
                 params=count_params(model), weights=count_weights(model),
                 macs=count_macs(copy.deepcopy(model).float()),
@@ -500,9 +541,12 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
                         batch_shapes(n_test, EVAL_BATCH, drop_last=False), device, precision, channels_last,
                         cfg.tta.flip, cfg.tta.translate, warm_up_states(cfg))
 
-    train_model, compiled = compile_and_warm_up(cfg, model, warm, device, precision)
+    warming = ("compiling (torch.compile) and warming up every batch shape" if cfg.compile else
+               "warming up every batch shape (cuDNN autotuning)")
+    with phase(warming) if cfg.compile or device.type == "cuda" else nullcontext():
+        train_model, compiled = compile_and_warm_up(cfg, model, warm, device, precision)
+        warmup = round(warm(model), 3) if device.type == "cuda" and not compiled["compiled"] else 0.0
     info.update(compiled)
-    warmup = round(warm(model), 3) if device.type == "cuda" and not compiled["compiled"] else 0.0
     info.update(compile_seconds=compiled.get("compile_seconds"), warmup_seconds=None if compiled["compiled"] else warmup)
     on_start(info)
 
@@ -526,10 +570,13 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
     knots = schedule_knots(cfg.schedule, cfg.scale.epochs)
     lr_at = piecewise_linear(knots, schedule_lrs(cfg.schedule))
     hooks = epoch_hooks(cfg, model)
-    train_seconds, eval_seconds, results, done = prep_seconds, 0.0, {}, 0
-    first_step_at = None  # wall clock after the first optimiser step, for start-up benchmarks
-    first_train_loss = None  # the divergence rule's reference
-    for epoch in range(math.ceil(epochs)):
+    state = TrainingState(model, optimizer, ema, generator, epoch_batches)
+    # A resumed run goes on from its checkpoint's counters: its seconds so far, with the preprocessing
+    # of the run that saved it (this process's preprocessing is reported apart, resumed_prep_seconds).
+    run = state.load_state_dict(checkpoints.state) if checkpoints.state else Counters(
+        train_seconds=prep_seconds, prep_seconds=prep_seconds)
+    evaluated = ema.model if ema else model
+    for epoch in range(run.epoch, math.ceil(epochs)):
         for hook in hooks:
             hook(epoch)
         sync(device)
@@ -539,51 +586,55 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         seen = 0
-        bar = tqdm(epoch_batches(), total=n_steps, desc=f"epoch {epoch + 1}", leave=False,
-                   disable=None if cfg.progress else True, dynamic_ncols=True)
+        bar = EpochBar(epoch_batches(), n_steps, f"epoch {epoch + 1}/{math.ceil(epochs)}", cfg.progress, device)
         for i, (x, y) in enumerate(bar):
-            if done >= total_steps:
+            if run.steps >= total_steps:
                 break
             # The LR at the end of this step's share of the epoch, as the 2019 code counts steps (or at
             # its start, schedule.step_at=start, as airbench's LambdaLR does).
             position = lr_position(epoch, i, n_steps, cfg.schedule.step_at)
             lr = lr_at(position)
             loss, logits = step(x, y, lr, i, position)
-            done += 1
-            if first_step_at is None:
+            run.steps += 1
+            if run.first_step_at is None:
                 sync(device)
-                first_step_at = time.time()
+                run.first_step_at = time.time()
             loss_sum += loss.detach()
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
+            bar.show(loss_sum, seen, lr)
         bar.close()
         sync(device)
         loop_seconds = time.perf_counter() - epoch_start
         usage = [end - begin for end, begin in zip(process_usage(), usage_start)]
-        train_seconds += loop_seconds
-        epoch_seconds = loop_seconds + (prep_seconds if epoch == 0 else 0.0)  # preprocessing counts once
+        run.train_seconds += loop_seconds
+        epoch_seconds = loop_seconds + (run.prep_seconds if epoch == 0 else 0.0)  # preprocessing counts once
 
         eval_start = time.perf_counter()
-        test_loss, test_acc = evaluate(ema.model if ema else model, test_x, test_y, cfg.tta.flip,
-                                       channels_last, precision.autocast, cfg.tta.translate)
+        test_loss, test_acc = evaluate(evaluated, test_x, test_y, cfg.tta.flip, channels_last, precision.autocast,
+                                       cfg.tta.translate)
         sync(device)
         epoch_eval_seconds = time.perf_counter() - eval_start
-        eval_seconds += epoch_eval_seconds
+        run.eval_seconds += epoch_eval_seconds
         train_loss = loss_sum.item() / max(seen, 1)
         row = dict(epoch=epoch + 1, lr=lr, train_loss=train_loss, train_acc=100.0 * correct.item() / max(seen, 1),
                    test_loss=test_loss, test_acc=test_acc, epoch_seconds=epoch_seconds,
-                   train_seconds=train_seconds, eval_seconds=eval_seconds,
+                   train_seconds=run.train_seconds, eval_seconds=run.eval_seconds,
                    # this epoch's evaluation alone: the final pass airbench's convention times (train_tta)
-                   epoch_eval_seconds=epoch_eval_seconds, epochs_trained=round(done / n_steps, 4),
+                   epoch_eval_seconds=epoch_eval_seconds, epochs_trained=round(run.steps / n_steps, 4),
                    **_cpu_facts(device, loop_seconds, usage, n_steps))
         if monitor is not None:
             row.update(monitor.epoch_stats())
         on_epoch(row)  # recorded first: the rows up to a divergence are what a stress test draws
-        if first_train_loss is None:
-            first_train_loss = train_loss
-        if (why := divergence(row, first_train_loss)) is not None:
+        if run.first_train_loss is None:
+            run.first_train_loss = train_loss
+        if (why := divergence(row, run.first_train_loss)) is not None:
             raise Diverged(f"{why} (lr {lr:.4g})")
-        results = dict(test_acc=test_acc, test_loss=test_loss, train_loss=train_loss, epochs=epoch + 1,
-                       epochs_trained=row["epochs_trained"], final_eval_seconds=round(epoch_eval_seconds, 3))
-    return dict(results, train_seconds=round(train_seconds, 3), eval_seconds=round(eval_seconds, 3),
-                prep_seconds=round(prep_seconds, 3), first_step_at=first_step_at)
+        run.epoch = epoch + 1
+        run.results = dict(test_acc=test_acc, test_loss=test_loss, train_loss=train_loss, epochs=epoch + 1,
+                           epochs_trained=row["epochs_trained"], final_eval_seconds=round(epoch_eval_seconds, 3))
+        checkpoints.after_epoch(run.epoch, lambda: state.state_dict(run))  # outside the timed regions
+    checkpoints.finish(evaluated, run.results.get("epochs_trained", epochs))
+    resumed = {"resumed_prep_seconds": round(prep_seconds, 3)} if checkpoints.state else {}
+    return dict(run.results, train_seconds=round(run.train_seconds, 3), eval_seconds=round(run.eval_seconds, 3),
+                prep_seconds=round(run.prep_seconds, 3), first_step_at=run.first_step_at, **resumed)

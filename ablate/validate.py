@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ablate import augment, data, device, layers, models, optim, records
+from ablate import augment, data, device, layers, models, optim, records, tracking
 from ablate.config import Config, ConfigError, batch_size_of, update_rule
 
 SEED_LIMIT = 2 ** 63  # torch.manual_seed takes a 64-bit seed; numpy's generators want it >= 0
@@ -155,6 +155,10 @@ def validate(cfg: Any) -> None:
         e.append(f"scale.train_size={cfg.scale.train_size} leaves batches of {batch}, which "
                  f"norm.splits={cfg.norm.splits} does not divide")
     _one_of(e, "step.ref.timing", cfg.step.ref.timing, records.TIMINGS)
+    _one_of(e, "tracking.kind", cfg.tracking.kind, tuple(tracking.TRACKERS))
+    if (why := tracking.missing_package(cfg.tracking.kind)) is not None:
+        e.append(why)
+    _positive(e, "checkpoint.every", cfg.checkpoint.every, allow_zero=True)
     _check_sequel_switches(e, cfg)
     if e:
         raise ConfigError("invalid configuration: " + "; ".join(e))

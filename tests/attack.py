@@ -349,7 +349,11 @@ def bad_input_cases() -> list[Case]:
         Case("unknown_step", ["+step=nosuch", *SMOKE, "hydra.run.dir={tmp}/run"],
              ["Could not find 'step/nosuch'", "Available options in 'step'"]),
         Case("unknown_arch", [*run, "arch=nosuch"], ["Could not find 'arch/nosuch'", "Available options in 'arch'"]),
-        Case("unknown_option", [*run, "batch_size=0"], ["Could not find 'batch_size/0'"]),
+        Case("unknown_option", [*run, "batch='0'"], ["Could not find 'batch/0'", "Available options in 'batch'"]),
+        Case("numbered_option_unquoted", [*run, "batch=512"], ["batch=512: an option named by a number needs quotes "
+                                                               "(batch='512')", "batch_size=<n>"]),
+        Case("batch_size_zero", [*run, "batch_size=0"], ["batch_size=0 must be > 0"]),
+        Case("batch_size_not_a_number", [*run, "batch_size=oops"], ["batch_size", "oops"]),
         Case("unknown_key", [*run, "nosuchkey=1"], ["Key 'nosuchkey' not in 'Config'"]),
         Case("appended_unknown_key", [*run, "+foo=1"], ["foo is not a key of the configuration"]),
         Case("appended_misspelt_key", [*run, "+optim.momentumm=0.5"],

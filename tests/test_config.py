@@ -17,7 +17,7 @@ def test_default_config_is_the_post4_recipe_and_valid():
 
 
 @pytest.mark.parametrize("override, named", [
-    ("batch_size=oops", "512"), ("arch=nosuch", "resnet9"), ("norm=nosuch", "ghost"),
+    ("batch=oops", "512"), ("arch=nosuch", "resnet9"), ("norm=nosuch", "ghost"),
     ("+step=nosuch", "step4"),
 ])
 def test_unknown_option_names_the_valid_choices(override, named):

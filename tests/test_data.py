@@ -89,7 +89,7 @@ def test_cache_is_written_and_reused(tree, cache, monkeypatch):
     files = list(cache.glob("*.pt"))
     assert len(files) == 1 and not list(cache.glob("*.tmp"))
 
-    def fail(paths):
+    def fail(paths, *done):
         raise AssertionError("decoded again instead of reading the cache")
 
     monkeypatch.setattr(data, "_decode_files", fail)
@@ -156,10 +156,10 @@ def test_parallel_loads_of_a_fresh_cache_decode_once(tree, cache, monkeypatch):
 
     real, calls = data._decode_files, []
 
-    def slow_decode(paths):
+    def slow_decode(paths, *done):
         calls.append(len(paths))
         time.sleep(0.5)  # long enough for the other job to ask meanwhile
-        return real(paths)
+        return real(paths, *done)
     monkeypatch.setattr(data, "_decode_files", slow_decode)
     results = []
     jobs = [threading.Thread(target=lambda: results.append(load_images(_cfg(tree, cache)))) for _ in range(2)]
@@ -379,7 +379,7 @@ def test_real_cifar10(real_data, monkeypatch):
     means = im.train_x.reshape(-1, 3).double().mean(0)
     assert torch.allclose(means, torch.tensor([125.27, 122.93, 113.86], dtype=torch.float64), atol=0.1)
 
-    monkeypatch.setattr(data, "_decode_files", lambda paths: pytest.fail("the cache was not used"))
+    monkeypatch.setattr(data, "_decode_files", lambda paths, *done: pytest.fail("the cache was not used"))
     again = load_images(DataConfig(root=str(root), cache_dir=str(cache)))
     assert torch.equal(again.test_x, im.test_x)
     sub = take_subset(again, ScaleConfig(train_size=500, test_size=200))

@@ -286,7 +286,7 @@ def test_unknown_names_are_rejected() -> None:
 
 
 def test_main_lists_every_network(capsys: pytest.CaptureFixture[str]) -> None:
-    main()
+    main([])
     lines = capsys.readouterr().out.splitlines()
     listed = [line.split()[0] for line in lines[2:-1]]
     assert listed == list(REGISTRY)
@@ -298,6 +298,21 @@ def test_main_lists_every_network(capsys: pytest.CaptureFixture[str]) -> None:
         ["1,971,640", "1,971,352", "118.1"]
     assert next(line for line in lines if line.startswith("airbench94_base ")).split()[1:3] == \
         ["1,971,640", "1,971,640"]
+
+
+def test_main_filters_by_name_and_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    main(["residual_l1*", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["network"] for r in rows] == ["residual_l1", "residual_l1l2", "residual_l1l3", "residual_l1l2l3"]
+    assert next(r for r in rows if r["network"] == "residual_l1l3")["params"] == 6_573_120  # = resnet9
+    main(["airbench"])
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:-1]]
+    assert listed == ["airbench94_base", "airbench94", "airbench94_muon"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["nosuch"])
+    assert exit_.value.code == 2 and "no network matches 'nosuch'" in capsys.readouterr().err
 
 
 # airbench94 by hand (sota-facts 3): whitening 24 x 3 x 2 x 2 = 288 fixed + 24 bias; ConvGroups

@@ -1,8 +1,10 @@
 import json
 
 import pytest
+from omegaconf import OmegaConf
 
-from ablate.records import RecordExists, RunRecord, config_key, read_summary, write_atomic
+from ablate.compose import compose
+from ablate.records import RecordExists, RunRecord, config_key, read_summary, recorded_keys, write_atomic
 
 
 def _config(seed=0):
@@ -133,3 +135,32 @@ def test_committed_records_agree_with_their_configs():
     for path in paths:
         run = path.parent
         assert record_problems(run, read_summary(run), read_config(run), read_metrics(run)[0]) == [], run
+
+
+def test_committed_journey_records_keep_their_keys_after_the_batch_group_rename():
+    """The journey's records were composed when the batch sizes were the group ``batch_size``; the
+    group is ``batch`` now (so that ``batch_size=<n>`` is a value). The same recipe composed today has
+    the key its record's config gives, so a sweep started again finds it completed, and its record is
+    labelled as its step alone (no ``batch=`` or ``batch_size=`` change)."""
+    import yaml
+
+    from ablate.records import read_config, recipe_key
+    from ablate.report.labels import recipe_changes
+    from ablate.sweep import find_completed, formats_used
+    from tests.conftest import REPO
+
+    runs = REPO / "experiments" / "journey-cpu" / "runs"
+    record = runs / "0_step8_resnet9_cpu_s0"
+    if not (record / "summary.json").is_file():
+        pytest.skip(f"{record} is not committed")
+    config, summary = read_config(record), read_summary(record)
+    choices = yaml.safe_load((record / ".hydra" / "hydra.yaml").read_text())["hydra"]["runtime"]["choices"]
+    assert choices["batch_size"] == "512" and "batch" not in choices  # written under the old group name
+    # As it was composed (its overrides.yaml): fp16 on a CPU as fp32, the data root it read.
+    overrides = ["+step=step8", "scale=cpu", "precision.cpu_half=fp32", f"data.root={config['data']['root']}"]
+    composed = OmegaConf.to_container(compose(overrides), resolve=True)
+    assert config_key(composed) == config_key(config) and recipe_key(composed) == recipe_key(config)
+    assert summary["config_key"] in recorded_keys(config)  # the key it stored, under its time's rule
+    on_a_cpu = formats_used(compose([*overrides, "device=cpu"]))  # the formats it ran in
+    assert find_completed(config_key(composed), runs, on_a_cpu) == record
+    assert recipe_changes("step8", config, choices) == []

@@ -161,10 +161,15 @@ def test_notebook_runs_against_a_small_results_table(tmp_path, monkeypatch):
     notebook = nbformat.read(REPO / "notebooks" / "journey.ipynb", as_version=4)
     assert all(not c.get("outputs") for c in notebook.cells if c.cell_type == "code"), "outputs not stripped"
     monkeypatch.setenv("ABLATE_RESULTS", str(tmp_path / "rep" / "runs.parquet"))
+    monkeypatch.setenv("ABLATE_FIGURES", str(tmp_path / "figures"))
     monkeypatch.setenv("PYTHONPATH", str(REPO))
-    nbclient.NotebookClient(notebook, timeout=180, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    (tmp_path / "figures").mkdir()
+    work = tmp_path / "notebooks"  # where it runs: no figure may land there (the source tree, in real use)
+    work.mkdir()
+    nbclient.NotebookClient(notebook, timeout=180, resources={"metadata": {"path": str(work)}}).execute()
     images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) >= 2 and (tmp_path / "timeline.png").is_file()
+    assert len(images) >= 2 and (tmp_path / "figures" / "timeline.png").is_file()
+    assert list(work.iterdir()) == []
 
 
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):

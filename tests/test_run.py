@@ -43,7 +43,7 @@ def test_a_failing_run_is_recorded_as_failed(tmp_path, monkeypatch):
     assert summary["status"] == "failed" and "boom" in summary["error"]
 
 
-@pytest.mark.parametrize("arg, expected", [("batch_size=oops", "Available options in 'batch_size'"),
+@pytest.mark.parametrize("arg, expected", [("batch=oops", "Available options in 'batch'"),
                                            ("arch=nosuch", "Available options in 'arch'")])
 def test_cli_bad_choice_fails_before_training_naming_choices(arg, expected, tmp_path):
     out = _cli("+step=step4", arg, f"hydra.run.dir={tmp_path}")

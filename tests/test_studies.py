@@ -153,7 +153,7 @@ def test_grid_end_to_end_draws_the_lr_wd_heat_map(tmp_path):
     assert "](hparams_lr_wd.png)" in files["report"].read_text()
 
 
-def test_lr_bs_grid_batch_sizes_are_quoted_group_choices_and_draw_a_heat_map(tmp_path):
+def test_lr_bs_grid_sweeps_batch_sizes_as_values_and_draws_a_heat_map(tmp_path):
     params = yaml.safe_load((REPO / "conf/experiment/hparams_lr_bs.yaml").read_text())["hydra"]["sweeper"]["params"]
     [override] = OverridesParser.create().parse_overrides([f"batch_size={params['batch_size']}"])
     choices = list(override.sweep_string_iterator())

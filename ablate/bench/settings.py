@@ -44,7 +44,7 @@ class Settings:
 def parser() -> argparse.ArgumentParser:
     """The flags of ``python -m ablate.bench``; defaults that depend on the device stay None here."""
     p = argparse.ArgumentParser(
-        prog="python -m ablate.bench",
+        prog="ablate bench",
         description="Measure, side by side: augmentation paths, training-step throughput per precision and "
                     "memory format, the engine against a bare PyTorch loop, ablate's loop against the 2019 "
                     "loop per format and allocator setting, and the start-up time of a run. "

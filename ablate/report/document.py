@@ -292,7 +292,7 @@ def _percent(text: str) -> float:
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m ablate.report",
+    parser = argparse.ArgumentParser(prog="ablate report",
                                      description="Tables, verdicts, charts, REPORT.md and report.html from run records.")
     parser.add_argument("runs", type=Path, nargs="+",
                         help="directories of run records (searched at any depth; several are pooled)")

@@ -18,8 +18,10 @@ import yaml
 
 # Keys (dotted prefixes) that are not part of a recipe's identity.
 NOT_RECIPE = ("seed", "scale", "step", "progress", "device", "target_acc", "data.root", "data.cache_dir",
-              "data.download", "precision.cpu_half", "precision.channels_last", "hydra")
-NOT_A_CHOICE = ("step", "scale", "experiment")  # groups whose choice is not a recipe change
+              "data.download", "precision.cpu_half", "precision.channels_last", "hydra", "tracking", "checkpoint")
+# Groups whose choice is not a recipe change. The batch size is told by its value (batch_size=256), whichever
+# named option set it (the group ``batch``; ``batch_size`` in records from before it was renamed).
+NOT_A_CHOICE = ("step", "scale", "experiment", "tracking", "batch", "batch_size")
 SEPARATOR = " · "
 
 

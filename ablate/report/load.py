@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from ablate.compose import CONF_DIR
+from ablate.compose import journey_order, journey_steps  # noqa: F401 (the report's API)
 from ablate.records import (CONFIG, METRICS, SUMMARY, published_seconds, read_config, read_metrics, recipe_key,
                             record_problems)
 from ablate.report.labels import SEPARATOR, read_overrides, recipe_changes, recipe_label
@@ -29,20 +29,9 @@ from ablate.report.labels import SEPARATOR, read_overrides, recipe_changes, reci
 # published recipes reach at that scale, as 94% is at full scale. Smoke runs have no target.
 SCALE_TARGETS = {"cpu": 86.0, "smoke": math.nan}
 DEFAULT_TARGET = 94.0
-
-def journey_order(conf_dir: Path = CONF_DIR) -> list[str]:
-    """Step ids in journey order, read from the step chain itself (each step names its parent)."""
-    parents = {}
-    for path in (conf_dir / "step").glob("*.yaml"):
-        defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults", [])
-        parent = next((d for d in defaults if isinstance(d, str) and d != "_self_"), None)
-        parents[path.stem] = parent
-    children = {p: c for c, p in parents.items()}
-    order, step = [], next(s for s, p in parents.items() if p is None)
-    while step is not None:
-        order.append(step)
-        step = children.get(step)
-    return order
+# tracking=mlflow's local store (ablate.tracking) keeps copies of each run's records as artifacts, under
+# the sweep directory by default: they are not runs of their own.
+TRACKER_STORE = "mlruns"
 
 
 def _check_numbers(summary: dict) -> None:
@@ -90,15 +79,6 @@ def _lr_peak(schedule: dict) -> float:
     if schedule.get("peak") is not None:
         return schedule["peak"]
     return max(schedule.get("lr") or [math.nan])
-
-
-def journey_steps(conf_dir: Path = CONF_DIR) -> list[dict]:
-    """Every step's own block (id, stage, change, ref) from ``conf/step``, in journey order."""
-    blocks = {}
-    for path in (conf_dir / "step").glob("*.yaml"):
-        step = (yaml.safe_load(path.read_text()) or {}).get("step") or {}
-        blocks[path.stem] = dict(step, id=step.get("id", path.stem))
-    return [blocks[s] for s in journey_order(conf_dir)]
 
 
 def device_label(summary: dict) -> str:
@@ -225,6 +205,8 @@ def load_runs(roots: Path | Sequence[Path], target: float | None = None
     rows, curves, problems = [], {}, []
     for root in roots:
         for path in sorted(root.rglob(SUMMARY)):
+            if TRACKER_STORE in path.relative_to(root).parts:  # an MLflow store's copies of the records
+                continue
             run_dir = path.parent
             try:
                 summary = json.loads(path.read_text())
