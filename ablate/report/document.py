@@ -173,12 +173,18 @@ README_MARKERS = ("<!-- journey table: written by python -m ablate.report ... --
                   "<!-- end of journey table -->")
 
 
+def _brief(change: str, width: int = 60) -> str:
+    """A step's change in one short line for the README: its first clause, cut at a word within ``width``."""
+    first = change.split(";")[0]
+    return first if len(first) <= width else first[:width].rsplit(" ", 1)[0].rstrip(",:") + " …"
+
+
 def journey_table(agg: pd.DataFrame) -> pd.DataFrame:
     """The measured journey in brief: each plain step (no ablations), in journey order, on each
     scale and device, beside its published time and accuracy."""
     steps = {s["id"]: s for s in journey_steps()}
     plain = agg[(agg.label == agg.step) & agg.step.isin(steps)].copy()
-    plain["change"] = [steps[s].get("change", "").split(";")[0] for s in plain.step]
+    plain["change"] = [_brief(steps[s].get("change", "")) for s in plain.step]
     plain["_o"] = plain.step.map({s: i for i, s in enumerate(steps)})
     return table(plain.sort_values(["scale", "_o", "device"]), JOURNEY)
 
