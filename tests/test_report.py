@@ -215,6 +215,17 @@ def test_one_timing_rule_for_total_time_and_time_to_target(tmp_path):
     assert runs.loc["post8", "time_to_target"] == pytest.approx(22.0)
 
 
+def test_a_few_starved_epochs_that_dominate_the_seconds_make_a_run_contended():
+    """Shares are weighted by each epoch's seconds: most epochs clean, but the starved ones holding most
+    of the run's time, is a contended timing; the reverse (one short slow epoch) is not."""
+    from ablate.report.load import timing_note
+
+    starved = [dict(cpu_share=0.07, epoch_seconds=765.0), dict(cpu_share=0.1, epoch_seconds=637.0)]
+    clean = [dict(cpu_share=0.98, epoch_seconds=40.0) for _ in range(6)]
+    assert timing_note({}, starved + clean) == "contended"
+    assert timing_note({}, [dict(cpu_share=0.3, epoch_seconds=5.0)] + clean) == ""
+
+
 def test_contended_cpu_runs_are_flagged_and_left_out_of_the_times(tmp_path):
     """A CPU run whose epochs got well under their threads' share of CPU time is marked `contended`
     and its seconds do not enter the recipe's times while a clean run exists."""

@@ -64,12 +64,16 @@ CONTENDED_SHARE = 0.7
 
 def timing_note(summary: dict, metrics: list[dict]) -> str:
     """Why a run's seconds are not an exclusive timing: 'gpu shared' when parallel jobs trained on one
-    GPU at once, 'contended' when a CPU run's median epoch got under CONTENDED_SHARE of its threads'
-    time; '' for a clean timing."""
+    GPU at once, 'contended' when a CPU run's threads got under CONTENDED_SHARE of their time over the
+    whole run (its epochs' shares weighted by their seconds: a few starved epochs can dominate the
+    total, as 3 epochs at 0.07-0.4 made up 86% of one step-10 run's seconds); '' for a clean timing."""
     if summary.get("gpu_shared"):
         return "gpu shared"
-    shares = sorted(row["cpu_share"] for row in metrics if isinstance(row.get("cpu_share"), (int, float)))
-    if shares and shares[len(shares) // 2] < CONTENDED_SHARE:
+    timed = [(row["cpu_share"], row.get("epoch_seconds") or 0.0) for row in metrics
+             if isinstance(row.get("cpu_share"), (int, float))]
+    if not any(t for _, t in timed):  # records without epoch seconds: every epoch weighs the same
+        timed = [(share, 1.0) for share, _ in timed]
+    if timed and sum(share * t for share, t in timed) / sum(t for _, t in timed) < CONTENDED_SHARE:
         return "contended"
     return ""
 
