@@ -412,6 +412,22 @@ def test_curves_draw_one_mean_line_and_band_per_recipe(tmp_path):
     assert all(float(t).is_integer() for t in ticks)
 
 
+def test_curves_legend_names_the_recipes_of_every_panel(tmp_path):
+    """One device ran step 8 only, another step 4 only: the one legend names both panels' recipes, not
+    only the first panel's."""
+    from ablate.report import plot_curves
+
+    amd = dict(cpu_model="AMD EPYC", cpu_isa="AVX2")
+    for step, cpu in (("step8", amd), ("step4", None)):
+        config, choices = _composed(f"+step={step}", "scale=cpu")
+        _write(tmp_path, f"{step}_{bool(cpu)}", config, choices, (60.0, 80.0, 87.0), 30.0, cpu=cpu)
+    runs, curves, _ = load_runs(tmp_path)
+    assert runs.device.nunique() == 2
+    fig = plot_curves(runs, curves, tmp_path / "c.png")
+    (legend,) = fig.legends
+    assert sorted(text.get_text() for text in legend.get_texts()) == ["step4", "step8"]
+
+
 def test_airbench_timing_counts_training_and_the_final_evaluation_pass(tmp_path):
     """sota-facts 2.4 (step.ref.timing=train_tta): preprocessing with the whitening fit and the training
     loop count, and the final TTA pass; the per-epoch logging evaluation does not. The time to target at

@@ -84,7 +84,13 @@ def plot_curves(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], path: Path)
         if len(target):
             ax.annotate(f"target {target.iloc[0]:g}%", (0.01, target.iloc[0]), xycoords=("axes fraction", "data"),
                         fontsize=7, va="bottom")
-    handles, names = axes[0][0].get_legend_handles_labels()
+    # One legend for every panel: a recipe keeps its colour across panels, and each panel may hold
+    # recipes the others lack (one device ran step 8 only, another the whole journey).
+    legend = {}
+    for ax in axes[:, 0]:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(name, handle)
+    names, handles = list(legend), list(legend.values())
     if handles:
         fig.legend(handles, names, loc="center right", fontsize=6.5, ncol=1 + len(names) // 32, frameon=False,
                    title="recipe (mean over seeds; band: lowest to highest run)", title_fontsize=7)
