@@ -155,6 +155,13 @@ def recorded_keys(config: dict) -> set[str]:
     return {config_key(config)} | {_digest(config, rule) for rule in (_NOT_IN_KEY, *_EARLIER_NOT_IN_KEY)}
 
 
+def formats_ran(precision_used: Any, channels_last: Any) -> str:
+    """The arithmetic and layout a record says ran, as tables and labels print them ("bf16 channels_last");
+    a field the record lacks is left out."""
+    layout = {True: "channels_last", False: "NCHW"}.get(channels_last, "")
+    return " ".join(x for x in (str(precision_used) if precision_used else "", layout) if x)
+
+
 def record_problems(run_dir: Path, summary: dict, config: dict | None, metrics: list[dict]) -> list[str]:
     """Why a run directory does not hold one training of one recipe, one message per problem naming
     the file at fault; empty when it does:

@@ -11,6 +11,7 @@ from tabulate import tabulate
 from ablate.bench.loops import LOOP_RECIPES, LOOPS
 from ablate.bench.settings import COMPARISONS
 from ablate.bench.timing import ratio
+from ablate.records import formats_ran
 
 
 def _f(x: float, digits: int = 1) -> str:
@@ -60,7 +61,7 @@ def startup_table(r: dict) -> str:
 
 
 def _layout(row: dict) -> str:
-    return f"{row['precision_used']} {'channels_last' if row['channels_last'] else 'NCHW'}"
+    return formats_ran(row["precision_used"], bool(row["channels_last"]))
 
 
 def loops_table(r: dict) -> str:

@@ -19,8 +19,8 @@ import pandas as pd
 import yaml
 
 from ablate.compose import journey_order, journey_steps  # noqa: F401 (the report's API)
-from ablate.records import (CONFIG, METRICS, SUMMARY, published_seconds, read_config, read_metrics, recipe_key,
-                            record_problems)
+from ablate.records import (CONFIG, METRICS, SUMMARY, formats_ran, published_seconds, read_config, read_metrics,
+                            recipe_key, record_problems)
 from ablate.report.labels import SEPARATOR, read_overrides, recipe_changes, recipe_label
 
 # The accuracy a run has to reach, by scale, where its record keeps the default 94%. At scale=cpu the
@@ -179,8 +179,8 @@ def _read_record(root: Path, run_dir: Path, summary: dict, target: float | None,
 
 
 def _formats(run: pd.Series) -> str:
-    layout = {True: "channels_last", False: "NCHW"}.get(run.channels_last, "")
-    return " ".join(x for x in (f"ran {run.precision_used}" if run.precision_used else "", layout) if x)
+    ran = formats_ran(run.precision_used, run.channels_last)
+    return f"ran {ran}" if run.precision_used else ran
 
 
 def _distinct_labels(runs: pd.DataFrame) -> pd.DataFrame:
