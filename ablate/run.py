@@ -47,7 +47,8 @@ from ablate.records import RecordExists, RunRecord, config_key, read_summary, re
 from ablate.lifeline import die_with_launcher
 from ablate import help as _help  # noqa: F401 (registers ${ablate.help:...} for --help)
 from ablate.report.labels import recipe_changes, recipe_label
-from ablate.sweep import find_completed, formats_used, hold_run, job_progress, place_job, write_outcome
+from ablate.sweep import (find_completed, formats_used, hold_run, job_progress, place_job, remove_unused_job_dir,
+                          write_outcome)
 from ablate.tracking import RunInfo, flatten, make_tracker
 from ablate.train import Diverged, train
 
@@ -228,6 +229,8 @@ def job(cfg: DictConfig) -> float | None:
                           position=job_progress(hydra_cfg, Path(str(hydra_cfg.sweep.dir))) if sweeping else ("", ""))
         outcome.update(status="skipped" if summary.get("skipped") else "completed",
                        test_acc=summary.get("test_acc"), seconds=round(time.monotonic() - started, 1))
+        if summary.get("skipped") and sweeping:  # the record lives elsewhere: no empty directory beside it
+            remove_unused_job_dir(run_dir)
         return summary["test_acc"]
     except Busy as err:  # another live process trains this run: it is left to that one
         print(f"ablate: {err}", file=sys.stderr)

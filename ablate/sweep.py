@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -133,6 +134,30 @@ def hold_run(run_dir: Path, key: str | None = None, sweep_dir: Path | None = Non
             held.append(stack.enter_context(lock))
         remove_stale_temps(run_dir, before=held[0].since)
         yield held[0]
+
+
+# What Hydra itself puts in a job's directory before the job runs: its composed config, the job's log
+# and the run lock hold_run takes. A directory holding nothing else has no record of any run.
+HYDRA_ONLY = {".hydra", RUN_LOCK}
+
+
+def remove_unused_job_dir(run_dir: Path) -> bool:
+    """Remove a skipped job's directory when it holds only what Hydra made for it (``HYDRA_ONLY`` and
+    its ``*.log``): the recipe completed in another directory (a record named before the directory
+    names carried the config key, or numbered otherwise by another sweep), so a resumed sweep leaves
+    no empty run directories beside its records. True when removed; never touches a record."""
+    run_dir = Path(run_dir)
+    try:
+        names = {p.name for p in run_dir.iterdir()}
+    except OSError:
+        return False
+    if not names or any(n not in HYDRA_ONLY and not n.endswith(".log") for n in names):
+        return False
+    for name in names:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    run_dir.rmdir()
+    return True
 
 
 # --------------------------------------------------------------------------------------------------

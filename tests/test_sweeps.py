@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -430,3 +431,28 @@ def test_a_sweep_dir_from_before_the_restructure_resumes_with_nothing_rerun(tmp_
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "2 jobs: 0 completed, 0 failed, 2 skipped" in out.stdout + out.stderr
+    # The jobs' own directories (named with the config key today) held nothing but Hydra's files: gone.
+    assert sorted(p.name for p in sweep.iterdir() if not p.name.startswith(".")) == [
+        "0_step8_resnet9_smoke_s0", "1_step8_resnet9_smoke_s1", "multirun.yaml"]
+
+
+def test_only_a_job_directory_without_records_is_removed(tmp_path):
+    """A skipped job's directory goes when it holds Hydra's files alone; one with anything else
+    (a record, a checkpoint, a file the user put there) stays as it is."""
+    from ablate.sweep import remove_unused_job_dir
+
+    def job_dir(name: str, *extra: str) -> Path:
+        d = tmp_path / name
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "config.yaml").write_text("seed: 0\n")
+        (d / "run.log").write_text("step8 seed 0: already completed in ..., not run again\n")
+        (d / ".lock").write_text("")
+        for f in extra:
+            (d / f).write_text("{}")
+        return d
+
+    assert remove_unused_job_dir(job_dir("stub")) and not (tmp_path / "stub").exists()
+    for kept in ("summary.json", "metrics.jsonl", "checkpoint.pt", "notes.txt"):
+        d = job_dir(f"with_{kept}", kept)
+        assert not remove_unused_job_dir(d) and (d / kept).is_file() and (d / ".hydra" / "config.yaml").is_file()
+    assert not remove_unused_job_dir(tmp_path / "missing")
