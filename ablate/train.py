@@ -379,6 +379,11 @@ def _warm_up(model: nn.Module, train_model: nn.Module, train_sizes: list[int], e
 COMPILE_UNSOUND = {("cpu", torch.bfloat16): "inductor's CPU bf16 code gave NaN gradients (torch 2.14.1)"}
 
 
+def compile_unsound(device: torch.device, precision: Precision) -> str | None:
+    """Why torch.compile is not trusted on this device in this precision (``COMPILE_UNSOUND``); None when it is."""
+    return COMPILE_UNSOUND.get((device.type, precision.autocast))
+
+
 def compile_and_warm_up(cfg, model: nn.Module, warm: Callable[[nn.Module], float], device: torch.device,
                         precision: Precision) -> tuple[nn.Module, dict]:
     """``torch.compile`` the model and warm it up (``warm(train_model)`` runs ``_warm_up``); where
@@ -387,8 +392,7 @@ def compile_and_warm_up(cfg, model: nn.Module, warm: Callable[[nn.Module], float
     actually ran, ``compile_error`` why not."""
     if not cfg.compile:
         return model, dict(compiled=False)
-    unsound = COMPILE_UNSOUND.get((device.type, precision.autocast))
-    if unsound:
+    if unsound := compile_unsound(device, precision):
         log.warning("torch.compile skipped: %s; training uncompiled", unsound)
         return model, dict(compiled=False, compile_seconds=None, compile_error=f"skipped: {unsound}")
     try:
@@ -541,9 +545,10 @@ def train(cfg, on_start: Callable[[dict], None] = lambda info: None,
                         batch_shapes(n_test, EVAL_BATCH, drop_last=False), device, precision, channels_last,
                         cfg.tta.flip, cfg.tta.translate, warm_up_states(cfg))
 
-    warming = ("compiling (torch.compile) and warming up every batch shape" if cfg.compile else
+    compiling = cfg.compile and not compile_unsound(device, precision)  # else the phase would say "compiling" wrongly
+    warming = ("compiling (torch.compile) and warming up every batch shape" if compiling else
                "warming up every batch shape (cuDNN autotuning)")
-    with phase(warming) if cfg.compile or device.type == "cuda" else nullcontext():
+    with phase(warming) if compiling or device.type == "cuda" else nullcontext():
         train_model, compiled = compile_and_warm_up(cfg, model, warm, device, precision)
         warmup = round(warm(model), 3) if device.type == "cuda" and not compiled["compiled"] else 0.0
     info.update(compiled)

@@ -360,16 +360,21 @@ def test_compile_failure_trains_uncompiled_and_says_so(tmp_path, monkeypatch):
     assert "no C compiler found" in summary["compile_error"]
 
 
-def test_compile_is_skipped_where_it_is_known_to_compute_wrongly(tmp_path, monkeypatch):
+def test_compile_is_skipped_where_it_is_known_to_compute_wrongly(tmp_path, monkeypatch, caplog):
     """bf16 autocast on a CPU trains eagerly (inductor's CPU bf16 code gave NaN gradients for
-    airbench94): the run completes, and its record says why it is not compiled."""
+    airbench94): the run completes, its record says why it is not compiled, and its log does not
+    claim to be compiling."""
+    import logging
+
     from ablate.run import execute
 
     monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled a bf16 CPU run"))
-    summary = execute(make_cfg("+step=step9", "scale=smoke", "data=synthetic", "progress=false",
-                               "precision.cpu_half=bf16"), tmp_path)
+    with caplog.at_level(logging.INFO, logger="ablate"):
+        summary = execute(make_cfg("+step=step9", "scale=smoke", "data=synthetic", "progress=false",
+                                   "precision.cpu_half=bf16"), tmp_path)
     assert summary["status"] == "completed" and summary["compiled"] is False
     assert summary["precision_used"] == "bf16" and "bf16" in summary["compile_error"]
+    assert "torch.compile skipped" in caplog.text and "compiling" not in caplog.text
 
 
 @pytest.mark.slow
