@@ -8,7 +8,8 @@
   recipe's lock for its whole life, and asks under them whether the recipe already completed; a run
   held by another live process is ``busy`` and left to it.
 * Resume (``find_completed``): a recipe that already completed in the sweep directory, in the same
-  precision and layout, is not run again.
+  precision and layout, is not run again, and the skipped job's empty directory goes
+  (``remove_unused_job_dir``).
 * Outcomes (``write_outcome``, ``SweepCallback``): each job leaves a one-line outcome in its own sweep
   invocation's ``<sweep dir>/.ablate_jobs/<invocation>/``; the callback prints the closing summary
   of its own jobs and sets the exit status.
