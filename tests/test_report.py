@@ -269,6 +269,16 @@ def test_a_recipe_is_labelled_by_how_it_differs_from_its_step(overrides, label):
     assert recipe_label(step, recipe_changes(step, config, choices)) == label
 
 
+def test_a_named_recipe_leads_its_label():
+    """+recipe=fenwicks changes the loader, the augmentation and the weight decay of step 4: its label
+    names the recipe first, then what it brings."""
+    from ablate.report.labels import recipe_changes
+
+    config, choices = _composed("+step=step4", "+recipe=fenwicks")
+    changes = recipe_changes("step4", config, choices)
+    assert changes[0] == "recipe=fenwicks" and len(changes) > 1
+
+
 def _write(root, name, config, choices, accs, train_s, device="cpu", precision="fp32", cpu=None, seed=0):
     run = root / name
     run.mkdir(parents=True)

@@ -85,7 +85,8 @@ def recipe_changes(step: str, config: dict, choices: dict | None, overrides: lis
                 if not _excluded(o.lstrip("+").split("=", 1)[0], ignore + ("step",))]
     ref_values, ref_choices = ref
     items, changed_groups = [], []
-    for group, option in sorted((choices or {}).items()):
+    # A named recipe (+recipe=...) first: the changes after it are what it brings.
+    for group, option in sorted((choices or {}).items(), key=lambda item: (item[0] != "recipe", item[0])):
         if group in NOT_A_CHOICE or group.startswith("hydra") or option is None:
             continue
         if ref_choices.get(group) != option:
