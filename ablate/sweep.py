@@ -154,10 +154,11 @@ def remove_unused_job_dir(run_dir: Path) -> bool:
         return False
     if not names or any(n not in HYDRA_ONLY and not n.endswith(".log") for n in names):
         return False
-    for name in names:
-        path = run_dir / name
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-    run_dir.rmdir()
+    try:
+        shutil.rmtree(run_dir)  # leaving the directory behind is harmless: the job stays skipped
+    except OSError as err:
+        log.warning("could not remove the unused job directory %s (%s)", run_dir, err)
+        return False
     return True
 
 
